@@ -1,0 +1,99 @@
+// CPU kernel of weighted_sum: out = sum_k w_k * zero_pad(x_k, out_rank) along rank_dim (FedAvg,
+// HetLoRA's zero-padding, LoRA-A2's per-rank masks as [K, out_rank] weights).
+//
+// View x_k as [outer, r_k * inner] rows and out as [outer, R * inner] rows: zero-padding at the end of
+// rank_dim means the r_k * inner columns of a row of x_k are the first columns of the same row of out.
+// One parallel loop over output tiles; each tile accumulates all K clients in float32 while it is in
+// cache, reading every client row once.
+#include "common/checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fedlora {
+namespace {
+
+constexpr int64_t kTileColumns = 2048;
+constexpr int64_t kTileElements = 8192;  // float32 accumulator of one tile: 32 KiB
+
+at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_t rank_dim,
+                            int64_t out_rank) {
+  const WeightedSumLayout layout = check_weighted_sum(xs, weights, rank_dim, out_rank);
+  const at::ScalarType dtype = xs[0].scalar_type();
+  at::Tensor out = at::empty(layout.out_sizes, xs[0].options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t K = static_cast<int64_t>(xs.size());
+  const int64_t rows = layout.outer;
+  const int64_t width = out_rank * layout.inner;  // columns of an output row
+  if (out.numel() == 0) return out;
+
+  std::vector<at::Tensor> clients;
+  std::vector<int64_t> client_width;  // r_k * inner
+  for (const at::Tensor& x : xs) {
+    clients.push_back(x.contiguous());
+    client_width.push_back(x.size(layout.rank_dim) * layout.inner);
+  }
+  const at::Tensor w = weights.contiguous();
+  const float* wp = w.const_data_ptr<float>();
+  const int64_t inner = layout.inner;
+  const bool per_rank = layout.per_rank_weights;
+
+  const int64_t tile_cols = std::min(width, kTileColumns);
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / tile_cols);
+  const int64_t col_tiles = (width + tile_cols - 1) / tile_cols;
+  const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_weighted_sum", [&] {
+    at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(static_cast<size_t>(tile_rows * tile_cols));
+      std::vector<float> wrow(static_cast<size_t>(tile_cols));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = (t / col_tiles) * tile_rows, r1 = std::min(rows, r0 + tile_rows);
+        const int64_t c0 = (t % col_tiles) * tile_cols, c1 = std::min(width, c0 + tile_cols);
+        const int64_t tw = c1 - c0;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t ck = std::min(c1, client_width[k]);  // columns past r_k * inner are padding
+          if (ck <= c0) continue;
+          const int64_t len = ck - c0;
+          // The weight of every column in the tile: w[k] or w[k, rank of the column].
+          if (per_rank) {
+            for (int64_t c = c0; c < ck;) {
+              const int64_t rank = c / inner, run_end = std::min(ck, (rank + 1) * inner);
+              std::fill(wrow.begin() + (c - c0), wrow.begin() + (run_end - c0), wp[k * out_rank + rank]);
+              c = run_end;
+            }
+          } else {
+            std::fill(wrow.begin(), wrow.begin() + len, wp[k]);
+          }
+          const scalar_t* x = clients[k].const_data_ptr<scalar_t>();
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* xr = x + r * client_width[k] + c0;
+            float* ar = acc.data() + (r - r0) * tw;
+            const float* wr = wrow.data();
+            for (int64_t c = 0; c < len; ++c) ar[c] += wr[c] * static_cast<float>(xr[c]);
+          }
+        }
+        scalar_t* o = out.data_ptr<scalar_t>();
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* ar = acc.data() + (r - r0) * tw;
+          scalar_t* orow = o + r * width + c0;
+          for (int64_t c = 0; c < tw; ++c) orow[c] = static_cast<scalar_t>(ar[c]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedlora, CPU, m) {
+  m.impl("weighted_sum", &weighted_sum_cpu);
+}
+
+}  // namespace fedlora

@@ -1,0 +1,63 @@
+// CPU kernel of gaussian_noise_: x += std * z over a list of tensors, z the fedlora noise stream
+// (common/philox.h) indexed by the element's position in the flattened list. One parallel loop runs
+// over the chunks of every tensor; the stream makes the result independent of the chunking.
+#include "common/checks.h"
+#include "common/chunks.h"
+#include "common/normal_cpu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace fedlora {
+namespace {
+
+constexpr int64_t kChunkWidth = 4096;  // elements per work item
+
+void gaussian_noise_cpu(at::TensorList tensors, double std, int64_t seed, int64_t offset) {
+  check_noise_targets(tensors, std, seed, offset);
+  if (tensors.empty() || std == 0.0) return;
+
+  // Work on contiguous buffers in the tensor's logical (row-major) element order; a strided tensor
+  // gets a contiguous copy that is written back afterwards.
+  std::vector<at::Tensor> buffers;
+  std::vector<int64_t> widths;
+  for (const at::Tensor& t : tensors) {
+    buffers.push_back(t.contiguous());
+    widths.push_back(t.numel());
+  }
+  const std::vector<Chunk> chunks = plan_chunks(widths, kChunkWidth);
+  const std::vector<int64_t> starts = list_offsets(widths);
+  const float scale = static_cast<float>(std);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
+                                  "fedlora_gaussian_noise_", [&] {
+    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> noise(kChunkWidth);
+      for (int64_t c = begin; c < end; ++c) {
+        const Chunk& chunk = chunks[c];
+        const int64_t len = chunk.end - chunk.begin;
+        float* z = noise.data();
+        fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                     starts[chunk.tensor] + chunk.begin, len, z);
+        scalar_t* x = buffers[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
+        for (int64_t k = 0; k < len; ++k) {
+          x[k] = static_cast<scalar_t>(static_cast<float>(x[k]) + scale * z[k]);
+        }
+      }
+    });
+  });
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    if (!buffers[j].is_same(tensors[j])) tensors[j].copy_(buffers[j]);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedlora, CPU, m) {
+  m.impl("gaussian_noise_", &gaussian_noise_cpu);
+}
+
+}  // namespace fedlora

@@ -1,0 +1,184 @@
+"""Typed wrappers of the ``torch.ops.fedlora`` operators, each beside its fake (meta) implementation.
+
+The kernels live in ``csrc/`` (CPU: C++, CUDA: ``.cu``); the schemas are declared once in
+``csrc/registration.cpp``. Every op has a pure-PyTorch twin of the same name in
+:mod:`fedlora_ext.reference`. Dtypes: float32, bfloat16 and float16 in, float32 accumulation, outputs
+in the input dtype unless stated. All tensors of one call live on one device.
+
+The noise of :func:`dp_clip_noise` and :func:`gaussian_noise_` is the counter-based Philox stream of
+DESIGN.md: it depends only on ``(seed, offset, element index)``, so it is identical on CPU and CUDA and
+for any thread count. Use a fresh ``offset`` (a step counter) for every call, and draw ``seed`` from
+the OS CSPRNG (``secrets.randbits(63)``); the seed is a secret that must never leave its owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "dp_clip_noise",
+    "gaussian_noise_",
+    "per_sample_norms",
+    "stacked_delta",
+    "stacked_delta_",
+    "weighted_sum",
+]
+
+
+def per_sample_norms(per_sample_grads: Sequence[Tensor]) -> Tensor:
+    """Per-sample L2 norms over all tensors (DP-SGD's flat clipping, Abadi et al. 2016).
+
+    Args:
+        per_sample_grads: tensors ``g_j`` of shape ``[B, ...]`` sharing the batch size ``B``.
+
+    Returns:
+        float32 ``[B]``: ``n_i = sqrt(sum_j ||g_j[i]||^2)``.
+    """
+    return torch.ops.fedlora.per_sample_norms.default(list(per_sample_grads))
+
+
+def dp_clip_noise(
+    per_sample_grads: Sequence[Tensor],
+    max_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    seed: int,
+    offset: int,
+) -> tuple[list[Tensor], Tensor]:
+    """Fused DP-SGD gradient: clip per sample, sum over the batch, add Gaussian noise, scale.
+
+    ``c_i = min(1, max_norm / (n_i + 1e-6))`` and
+    ``out_j = (sum_i c_i g_j[i] + noise_multiplier * max_norm * z_j) / denominator``, which is opacus 1.6
+    ``DPOptimizer`` (flat clipping, mean reduction, ``expected_batch_size = denominator``) with the
+    noise drawn from the fedlora stream instead of torch's generator. Serves FFA-LoRA's private
+    training (arXiv 2403.12313) and every method run under sample-level DP.
+
+    Args:
+        per_sample_grads: tensors ``g_j`` of shape ``[B, ...]``; ``B = 0`` (an empty Poisson batch)
+            gives pure noise.
+        max_norm: clipping bound ``C > 0``.
+        noise_multiplier: ``sigma >= 0``; 0 adds nothing.
+        denominator: ``> 0``, the expected batch size for mean reduction (1 for sum reduction).
+        seed: noise key in ``[0, 2^63)``; a client secret.
+        offset: noise counter in ``[0, 2^63)``; a fresh value per call.
+
+    Returns:
+        ``(outs, norms)``: ``outs[j]`` of shape ``g_j.shape[1:]`` in ``g_j``'s dtype, and the float32
+        per-sample norms ``[B]`` before clipping.
+    """
+    outs, norms = torch.ops.fedlora.dp_clip_noise.default(
+        list(per_sample_grads), float(max_norm), float(noise_multiplier), float(denominator), int(seed), int(offset)
+    )
+    return list(outs), norms
+
+
+def gaussian_noise_(tensors: Sequence[Tensor], std: float, seed: int, offset: int) -> None:
+    """In place ``x += std * z`` for every tensor of the list (DP noise for client-level DP-FedAvg).
+
+    Element ``e`` of the flattened list (tensor ``j`` starts at the sum of the earlier numels, each in
+    row-major order) receives normal ``z_e`` of the stream ``(seed, offset)``.
+
+    Args:
+        tensors: tensors to perturb in place, one dtype, one device, not overlapping.
+        std: standard deviation ``>= 0``.
+        seed: noise key in ``[0, 2^63)``; a secret.
+        offset: noise counter in ``[0, 2^63)``; a fresh value per call.
+    """
+    torch.ops.fedlora.gaussian_noise_.default(list(tensors), float(std), int(seed), int(offset))
+
+
+def weighted_sum(xs: Sequence[Tensor], weights: Tensor, rank_dim: int, out_rank: int) -> Tensor:
+    """Weighted sum of zero-padded LoRA factors: ``sum_k w_k * zero_pad(x_k, out_rank)``.
+
+    FedAvg / FedIT (arXiv 2305.05644) with ``[K]`` weights and equal ranks; HetLoRA (arXiv 2401.06432)
+    with ranks ``r_k <= out_rank`` padded with zeros; LoRA-A2 (arXiv 2410.22815) with ``[K, out_rank]``
+    per-rank (masked) weights, applied to rank component ``j`` along ``rank_dim``.
+
+    Args:
+        xs: ``K >= 1`` tensors, equal in every size but ``rank_dim``, where ``x_k`` has ``r_k <= out_rank``.
+        weights: float32 ``[K]`` or ``[K, out_rank]``.
+        rank_dim: the rank dimension (``1`` for B ``[m, r]``, ``0`` for A ``[r, n]``; negative counts back).
+        out_rank: the output's size along ``rank_dim``.
+
+    Returns:
+        Tensor of ``xs[0]``'s shape with ``out_rank`` along ``rank_dim``, in ``xs[0]``'s dtype.
+    """
+    return torch.ops.fedlora.weighted_sum.default(list(xs), weights, int(rank_dim), int(out_rank))
+
+
+def stacked_delta(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, scale: float) -> Tensor:
+    """``scale * sum_k w_k B_k @ A_k``: FLoRA's stacked product (arXiv 2409.05976), FedEx-LoRA's exact
+    average (arXiv 2410.09432).
+
+    Args:
+        Bs: ``K >= 1`` factors ``[m, r_k]``.
+        As: ``K`` factors ``[r_k, n]``.
+        weights: float32 ``[K]``.
+        scale: LoRA scaling ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
+
+    Returns:
+        ``[m, n]`` in the factors' dtype.
+    """
+    return torch.ops.fedlora.stacked_delta.default(list(Bs), list(As), weights, float(scale))
+
+
+def stacked_delta_(
+    W: Tensor, Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Tensor, scale: float, transpose: bool = False
+) -> None:
+    """In place ``W += scale * sum_k w_k B_k @ A_k`` without building the ``[m, n]`` delta.
+
+    Merges FLoRA's stacked adapters into the frozen base and folds FedEx-LoRA's residual into it (the
+    residual is one more factor pair with weight -1). ``transpose=True`` targets a ``fan_in_fan_out``
+    weight ``W [n, m]`` (GPT-2's Conv1D), adding the transposed delta.
+
+    Args:
+        W: ``[m, n]`` (``[n, m]`` with ``transpose``), the factors' dtype; updated in place.
+        Bs: ``K >= 0`` factors ``[m, r_k]``.
+        As: ``K`` factors ``[r_k, n]``.
+        weights: float32 ``[K]``.
+        scale: LoRA scaling.
+        transpose: add the transposed delta.
+    """
+    torch.ops.fedlora.stacked_delta_.default(W, list(Bs), list(As), weights, float(scale), bool(transpose))
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations for torch.compile / FakeTensor tracing: no data access, no sync."""
+
+    @torch.library.register_fake("fedlora::per_sample_norms")
+    def _per_sample_norms_fake(per_sample_grads):
+        torch._check(len(per_sample_grads) > 0, lambda: "fedlora.per_sample_norms: empty per_sample_grads")
+        return per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("fedlora::dp_clip_noise")
+    def _dp_clip_noise_fake(per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset):
+        torch._check(len(per_sample_grads) > 0, lambda: "fedlora.dp_clip_noise: empty per_sample_grads")
+        outs = [g.new_empty(g.shape[1:]) for g in per_sample_grads]
+        return outs, per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("fedlora::gaussian_noise_")
+    def _gaussian_noise_fake(tensors, std, seed, offset):
+        return None
+
+    @torch.library.register_fake("fedlora::weighted_sum")
+    def _weighted_sum_fake(xs, weights, rank_dim, out_rank):
+        torch._check(len(xs) > 0, lambda: "fedlora.weighted_sum: empty xs")
+        shape = list(xs[0].shape)
+        shape[rank_dim] = out_rank
+        return xs[0].new_empty(shape)
+
+    @torch.library.register_fake("fedlora::stacked_delta")
+    def _stacked_delta_fake(Bs, As, weights, scale):
+        torch._check(len(Bs) > 0 and len(Bs) == len(As), lambda: "fedlora.stacked_delta: need K >= 1 pairs")
+        return Bs[0].new_empty((Bs[0].shape[0], As[0].shape[1]))
+
+    @torch.library.register_fake("fedlora::stacked_delta_")
+    def _stacked_delta_inplace_fake(W, Bs, As, weights, scale, transpose=False):
+        return None
+
+
+if hasattr(torch.ops, "fedlora") and hasattr(torch.ops.fedlora, "per_sample_norms"):
+    _register_fakes()
