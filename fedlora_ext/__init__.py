@@ -19,7 +19,9 @@ except ImportError as error:  # pragma: no cover - exercised only on a broken in
     _C = None
     warnings.warn(
         f"fedlora_ext: the native library could not be loaded ({error}); torch.ops.fedlora is "
-        "unavailable. Reinstall with `pip install --no-build-isolation .` against your torch.",
+        f"unavailable. Imported from {__file__}: if that is a source checkout, run from another "
+        "directory or install with `pip install --no-build-isolation -e .`; otherwise reinstall with "
+        "`pip install --no-build-isolation .` against the torch you use.",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -71,6 +71,14 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
             std::fill(wrow.begin(), wrow.begin() + len, wp[k]);
           }
           const scalar_t* x = clients[k].const_data_ptr<scalar_t>();
+          if (!per_rank && len == width && tw == width) {
+            // A full-rank client under one weight: the tile is one contiguous run in x_k and acc.
+            const float wk = wp[k];
+            const scalar_t* xt = x + r0 * width;
+            float* at = acc.data();
+            for (int64_t e = 0; e < (r1 - r0) * width; ++e) at[e] += wk * static_cast<float>(xt[e]);
+            continue;
+          }
           for (int64_t r = r0; r < r1; ++r) {
             const scalar_t* xr = x + r * client_width[k] + c0;
             float* ar = acc.data() + (r - r0) * tw;

@@ -7,12 +7,13 @@
 #include <cmath>
 #include <cstring>
 
-// The batch generator is compute-bound: build it for AVX2+FMA and AVX-512 too, chosen at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FEDLORA_TARGET_CLONES \
-  __attribute__((target_clones("default", "avx2", "avx512f")))
+// The batch generator is compute-bound: on x86 it is also built for AVX2+FMA and AVX-512, and the
+// best one the CPU supports is picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEDLORA_X86_DISPATCH 1
+#include <immintrin.h>
 #else
-#define FEDLORA_TARGET_CLONES
+#define FEDLORA_X86_DISPATCH 0
 #endif
 #define FEDLORA_INLINE inline __attribute__((always_inline))
 
@@ -68,19 +69,14 @@ FEDLORA_INLINE void sincos_2pi(float u, float& s, float& c) {
   s = std::bit_cast<float>(sn ^ ((quadrant & 2u) << 30));         // negative in quadrants 2, 3
 }
 
-// The kBatch normals of Philox groups [group, group + kLanes).
-FEDLORA_TARGET_CLONES
-void normals_batch(uint64_t seed, uint64_t offset, uint64_t group, float* out) {
-  // Lanes outer, rounds unrolled inner: the lane loop body is straight-line code that vectorises.
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-  const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(seed >> 32);
-  const uint32_t offset_lo = static_cast<uint32_t>(offset), offset_hi = static_cast<uint32_t>(offset >> 32);
+// Philox words of groups [group, group + kLanes), one lane per group: the portable version.
+FEDLORA_INLINE void philox_lanes(uint64_t seed, uint64_t offset, uint64_t group, uint32_t* c0,
+                                 uint32_t* c1, uint32_t* c2, uint32_t* c3) {
   for (int l = 0; l < kLanes; ++l) {
     const uint64_t g = group + static_cast<uint64_t>(l);
     uint32_t x0 = static_cast<uint32_t>(g), x1 = static_cast<uint32_t>(g >> 32);
-    uint32_t x2 = offset_lo, x3 = offset_hi;
-    uint32_t k0 = seed_lo, k1 = seed_hi;
-#pragma GCC unroll 10
+    uint32_t x2 = static_cast<uint32_t>(offset), x3 = static_cast<uint32_t>(offset >> 32);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int r = 0; r < philox::kRounds; ++r) {
       philox::round(x0, x1, x2, x3, k0, k1);
       k0 += philox::kRoundA;
@@ -91,6 +87,12 @@ void normals_batch(uint64_t seed, uint64_t offset, uint64_t group, float* out) {
     c2[l] = x2;
     c3[l] = x3;
   }
+}
+
+// Box-Muller on the words of kLanes groups, written in stream order. Straight-line per lane, so the
+// compiler vectorises it for whatever target the caller is built for.
+FEDLORA_INLINE void box_muller_lanes(const uint32_t* c0, const uint32_t* c1, const uint32_t* c2,
+                                     const uint32_t* c3, float* out) {
   float z0[kLanes], z1[kLanes], z2[kLanes], z3[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     const float r01 = std::sqrt(-2.0f * log_unit(philox::uniform(c0[l])));
@@ -110,6 +112,82 @@ void normals_batch(uint64_t seed, uint64_t offset, uint64_t group, float* out) {
     out[4 * l + 3] = z3[l];
   }
 }
+
+// Lane counters of groups [group, group + kLanes): (lo32(g), hi32(g)).
+FEDLORA_INLINE void group_counters(uint64_t group, uint32_t* lo, uint32_t* hi) {
+  for (int l = 0; l < kLanes; ++l) {
+    const uint64_t g = group + static_cast<uint64_t>(l);
+    lo[l] = static_cast<uint32_t>(g);
+    hi[l] = static_cast<uint32_t>(g >> 32);
+  }
+}
+
+void normals_batch_portable(uint64_t seed, uint64_t offset, uint64_t group, float* out) {
+  alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  philox_lanes(seed, offset, group, c0, c1, c2, c3);
+  box_muller_lanes(c0, c1, c2, c3, out);
+}
+
+#if FEDLORA_X86_DISPATCH
+// Compilers turn the portable 32x32->64 multiply into slow 64-bit lane multiplies; vpmuludq on the
+// even and odd 32-bit lanes gives both halves of every product directly.
+#define FEDLORA_PHILOX_SIMD(TARGET, VEC, WIDTH, LOAD, STORE, SET1, MUL, SRL, SLL, XOR, BLEND_ODD)     \
+  __attribute__((target(TARGET))) void normals_batch_##WIDTH(uint64_t seed, uint64_t offset,        \
+                                                             uint64_t group, float* out) {          \
+    alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];                            \
+    group_counters(group, c0, c1);                                                                 \
+    constexpr int kVecLanes = WIDTH / 32;                                                          \
+    const VEC mul_a = SET1(static_cast<int>(philox::kMulA));                                        \
+    const VEC mul_b = SET1(static_cast<int>(philox::kMulB));                                        \
+    for (int v = 0; v < kLanes; v += kVecLanes) {                                                  \
+      VEC x0 = LOAD(reinterpret_cast<const VEC*>(c0 + v));                                         \
+      VEC x1 = LOAD(reinterpret_cast<const VEC*>(c1 + v));                                         \
+      VEC x2 = SET1(static_cast<int>(static_cast<uint32_t>(offset)));                              \
+      VEC x3 = SET1(static_cast<int>(static_cast<uint32_t>(offset >> 32)));                        \
+      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);            \
+      for (int r = 0; r < philox::kRounds; ++r) {                                                  \
+        const VEC even0 = MUL(x0, mul_a), odd0 = MUL(SRL(x0, 32), mul_a);                          \
+        const VEC even1 = MUL(x2, mul_b), odd1 = MUL(SRL(x2, 32), mul_b);                          \
+        const VEC lo0 = BLEND_ODD(even0, SLL(odd0, 32)), hi0 = BLEND_ODD(SRL(even0, 32), odd0);    \
+        const VEC lo1 = BLEND_ODD(even1, SLL(odd1, 32)), hi1 = BLEND_ODD(SRL(even1, 32), odd1);    \
+        x0 = XOR(XOR(hi1, x1), SET1(static_cast<int>(k0)));                                        \
+        x2 = XOR(XOR(hi0, x3), SET1(static_cast<int>(k1)));                                        \
+        x1 = lo1;                                                                                  \
+        x3 = lo0;                                                                                  \
+        k0 += philox::kRoundA;                                                                     \
+        k1 += philox::kRoundB;                                                                     \
+      }                                                                                            \
+      STORE(reinterpret_cast<VEC*>(c0 + v), x0);                                                   \
+      STORE(reinterpret_cast<VEC*>(c1 + v), x1);                                                   \
+      STORE(reinterpret_cast<VEC*>(c2 + v), x2);                                                   \
+      STORE(reinterpret_cast<VEC*>(c3 + v), x3);                                                   \
+    }                                                                                              \
+    box_muller_lanes(c0, c1, c2, c3, out);                                                         \
+  }
+
+#define FEDLORA_BLEND_ODD_512(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
+#define FEDLORA_BLEND_ODD_256(a, b) _mm256_blend_epi32(a, b, 0xAA)
+FEDLORA_PHILOX_SIMD("avx512f", __m512i, 512, _mm512_load_si512, _mm512_store_si512, _mm512_set1_epi32,
+                    _mm512_mul_epu32, _mm512_srli_epi64, _mm512_slli_epi64, _mm512_xor_si512,
+                    FEDLORA_BLEND_ODD_512)
+FEDLORA_PHILOX_SIMD("avx2,fma", __m256i, 256, _mm256_load_si256, _mm256_store_si256, _mm256_set1_epi32,
+                    _mm256_mul_epu32, _mm256_srli_epi64, _mm256_slli_epi64, _mm256_xor_si256,
+                    FEDLORA_BLEND_ODD_256)
+#endif
+
+using BatchFn = void (*)(uint64_t, uint64_t, uint64_t, float*);
+
+// Picked once, by what the CPU running us supports.
+BatchFn select_batch_fn() {
+#if FEDLORA_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return normals_batch_512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return normals_batch_256;
+#endif
+  return normals_batch_portable;
+}
+
+const BatchFn normals_batch = select_batch_fn();
 
 }  // namespace
 
