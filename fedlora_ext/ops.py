@@ -13,6 +13,7 @@ the OS CSPRNG (``secrets.randbits(63)``); the seed is a secret that must never l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,19 @@ __all__ = [
 ]
 
 
+def _check_seed_offset(op: str, seed: int, offset: int) -> None:
+    # Python ints are unbounded; say what the schema's int64 cannot hold before the dispatcher does.
+    for name, value in (("seed", seed), ("offset", offset)):
+        if not 0 <= int(value) < 2**63:
+            raise ValueError(f"fedlora.{op}: {name} must be in [0, 2^63), got {value}")
+
+
+def _check_non_empty(op: str, name: str, tensors: Sequence[Tensor], expected: str) -> None:
+    # The dispatcher picks a kernel from the tensor arguments, so an empty list never reaches one.
+    if len(tensors) == 0:
+        raise ValueError(f"fedlora.{op}: {name} must hold at least one tensor {expected}, got an empty list")
+
+
 def per_sample_norms(per_sample_grads: Sequence[Tensor]) -> Tensor:
     """Per-sample L2 norms over all tensors (DP-SGD's flat clipping, Abadi et al. 2016).
 
@@ -37,6 +51,7 @@ def per_sample_norms(per_sample_grads: Sequence[Tensor]) -> Tensor:
     Returns:
         float32 ``[B]``: ``n_i = sqrt(sum_j ||g_j[i]||^2)``.
     """
+    _check_non_empty("per_sample_norms", "per_sample_grads", per_sample_grads, "[B, ...]")
     return torch.ops.fedlora.per_sample_norms.default(list(per_sample_grads))
 
 
@@ -69,6 +84,8 @@ def dp_clip_noise(
         ``(outs, norms)``: ``outs[j]`` of shape ``g_j.shape[1:]`` in ``g_j``'s dtype, and the float32
         per-sample norms ``[B]`` before clipping.
     """
+    _check_non_empty("dp_clip_noise", "per_sample_grads", per_sample_grads, "[B, ...]")
+    _check_seed_offset("dp_clip_noise", seed, offset)
     outs, norms = torch.ops.fedlora.dp_clip_noise.default(
         list(per_sample_grads), float(max_norm), float(noise_multiplier), float(denominator), int(seed), int(offset)
     )
@@ -87,6 +104,11 @@ def gaussian_noise_(tensors: Sequence[Tensor], std: float, seed: int, offset: in
         seed: noise key in ``[0, 2^63)``; a secret.
         offset: noise counter in ``[0, 2^63)``; a fresh value per call.
     """
+    _check_seed_offset("gaussian_noise_", seed, offset)
+    if len(tensors) == 0:  # nothing to perturb; the dispatcher cannot route a call without tensors
+        if not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"fedlora.gaussian_noise_: std must be finite and >= 0, got {std}")
+        return
     torch.ops.fedlora.gaussian_noise_.default(list(tensors), float(std), int(seed), int(offset))
 
 
@@ -106,6 +128,7 @@ def weighted_sum(xs: Sequence[Tensor], weights: Tensor, rank_dim: int, out_rank:
     Returns:
         Tensor of ``xs[0]``'s shape with ``out_rank`` along ``rank_dim``, in ``xs[0]``'s dtype.
     """
+    _check_non_empty("weighted_sum", "xs", xs, "(K >= 1)")
     return torch.ops.fedlora.weighted_sum.default(list(xs), weights, int(rank_dim), int(out_rank))
 
 
@@ -145,27 +168,45 @@ def stacked_delta_(
     torch.ops.fedlora.stacked_delta_.default(W, list(Bs), list(As), weights, float(scale), bool(transpose))
 
 
+def _check_one_device(op: str, named: Sequence[tuple[str, Tensor]]) -> None:
+    """In the fakes: every tensor on the first one's device (a meta tensor among CPU tensors lands here)."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(
+            t.device == first.device,
+            lambda: f"fedlora.{op}: {name} is on {t.device}, expected {first.device} like {first_name}",
+        )
+
+
+def _indexed(name: str, tensors: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
+    return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)]
+
+
 def _register_fakes() -> None:
     """Shape-only implementations for torch.compile / FakeTensor tracing: no data access, no sync."""
 
     @torch.library.register_fake("fedlora::per_sample_norms")
     def _per_sample_norms_fake(per_sample_grads):
         torch._check(len(per_sample_grads) > 0, lambda: "fedlora.per_sample_norms: empty per_sample_grads")
+        _check_one_device("per_sample_norms", _indexed("per_sample_grads", per_sample_grads))
         return per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("fedlora::dp_clip_noise")
     def _dp_clip_noise_fake(per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset):
         torch._check(len(per_sample_grads) > 0, lambda: "fedlora.dp_clip_noise: empty per_sample_grads")
+        _check_one_device("dp_clip_noise", _indexed("per_sample_grads", per_sample_grads))
         outs = [g.new_empty(g.shape[1:]) for g in per_sample_grads]
         return outs, per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("fedlora::gaussian_noise_")
     def _gaussian_noise_fake(tensors, std, seed, offset):
-        return None
+        if tensors:
+            _check_one_device("gaussian_noise_", _indexed("tensors", tensors))
 
     @torch.library.register_fake("fedlora::weighted_sum")
     def _weighted_sum_fake(xs, weights, rank_dim, out_rank):
         torch._check(len(xs) > 0, lambda: "fedlora.weighted_sum: empty xs")
+        _check_one_device("weighted_sum", _indexed("xs", xs) + [("weights", weights)])
         shape = list(xs[0].shape)
         shape[rank_dim] = out_rank
         return xs[0].new_empty(shape)
@@ -173,11 +214,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fedlora::stacked_delta")
     def _stacked_delta_fake(Bs, As, weights, scale):
         torch._check(len(Bs) > 0 and len(Bs) == len(As), lambda: "fedlora.stacked_delta: need K >= 1 pairs")
+        _check_one_device("stacked_delta", _indexed("Bs", Bs) + _indexed("As", As) + [("weights", weights)])
         return Bs[0].new_empty((Bs[0].shape[0], As[0].shape[1]))
 
     @torch.library.register_fake("fedlora::stacked_delta_")
     def _stacked_delta_inplace_fake(W, Bs, As, weights, scale, transpose=False):
-        return None
+        factors = _indexed("Bs", Bs) + _indexed("As", As) + [("weights", weights)]
+        _check_one_device("stacked_delta_", factors + [("W", W)])  # names W as the odd one out
 
 
 if hasattr(torch.ops, "fedlora") and hasattr(torch.ops.fedlora, "per_sample_norms"):

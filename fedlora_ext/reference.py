@@ -97,7 +97,7 @@ def per_sample_norms(per_sample_grads: Sequence[Tensor]) -> Tensor:
     """Twin of :func:`fedlora_ext.ops.per_sample_norms`: float32 ``[B]``, ``sqrt(sum_j ||g_j[i]||^2)``."""
     if len(per_sample_grads) == 0:
         raise ValueError("per_sample_grads must hold at least one tensor [B, ...]")
-    squares = [g.reshape(g.shape[0], -1).float().pow(2).sum(dim=1) for g in per_sample_grads]
+    squares = [g.reshape(g.shape[0], g.shape[1:].numel()).float().pow(2).sum(dim=1) for g in per_sample_grads]
     return torch.stack(squares).sum(dim=0).sqrt()
 
 

@@ -30,6 +30,13 @@ void check_same_dtype_device(const char* op, const char* name, at::TensorList li
   }
 }
 
+// Whether a and b may write the same element: tensors on different storages never do; on one storage,
+// ATen decides, and a layout too strided for it to decide counts as shared (conservative).
+bool share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
 void check_finite(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value), "fedlora.", op, ": ", name, " must be finite, got ", value);
 }
@@ -100,7 +107,7 @@ void check_noise_targets(at::TensorList tensors, double std, int64_t seed, int64
                 "fedlora.gaussian_noise_: tensors[", j,
                 "] has internally overlapping memory (an expanded view); clone it first");
     for (size_t i = 0; i < j; ++i) {
-      TORCH_CHECK(at::get_overlap_status(tensors[i], tensors[j]) == at::MemOverlapStatus::No,
+      TORCH_CHECK(!share_memory(tensors[i], tensors[j]),
                   "fedlora.gaussian_noise_: tensors[", i, "] and tensors[", j,
                   "] share memory; every element must receive exactly one draw");
     }
@@ -208,9 +215,9 @@ void check_stacked_target(const at::Tensor& W, at::TensorList Bs, at::TensorList
               "fedlora.stacked_delta_: W has internally overlapping memory (an expanded view); "
               "clone it first");
   for (size_t k = 0; k < Bs.size(); ++k) {
-    TORCH_CHECK(at::get_overlap_status(W, Bs[k]) == at::MemOverlapStatus::No,
+    TORCH_CHECK(!share_memory(W, Bs[k]),
                 "fedlora.stacked_delta_: W shares memory with Bs[", k, "]; pass a copy");
-    TORCH_CHECK(at::get_overlap_status(W, As[k]) == at::MemOverlapStatus::No,
+    TORCH_CHECK(!share_memory(W, As[k]),
                 "fedlora.stacked_delta_: W shares memory with As[", k, "]; pass a copy");
   }
 }
