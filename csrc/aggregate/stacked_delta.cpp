@@ -1,0 +1,106 @@
+// stacked_delta and stacked_delta_: scale * sum_k w_k B_k @ A_k (FLoRA's stacking, FedEx-LoRA's
+// residual), for CPU and CUDA tensors alike: the host code below is only ATen calls (cat, index_select,
+// mm / addmm_, which reach BLAS on the CPU and cuBLAS on CUDA), so both backends register it. The K
+// products are one GEMM on the stacked factors
+//   B_s = [w_1 B_1, ..., w_K B_K] [m, R],  A_s = [A_1; ...; A_K] [R, n],  R = sum_k r_k,
+// and the in-place form lets the GEMM accumulate straight into W (beta = 1), never building the [m, n]
+// delta. The factors are stacked in float32. Low-precision W:
+//   CPU:  updated in row blocks through a float32 copy of the block, so the sum is accumulated in float32
+//         and rounded once.
+//   CUDA: W.addmm_ in W's dtype on the stacked factors rounded to that dtype: cuBLAS accumulates
+//         bfloat16/float16 GEMMs in float32 and rounds W once, with no float32 copy of W; the price is
+//         one extra rounding of w_k * scale * B_k to W's dtype (A_k is exact).
+// Nothing here synchronises with a GPU: the column-to-client map reaches the device by a non_blocking
+// copy from pinned memory.
+#include "common/checks.h"
+
+#include <ATen/DeviceGuard.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fedlora {
+namespace {
+
+constexpr int64_t kLowPrecisionRowBlock = 256;
+
+// [R] int64 on `device`: the client k of every stacked column. Built in pinned memory when `device` is
+// a GPU, so the copy is asynchronous (the pinned block is held until the copy ran).
+at::Tensor column_clients(at::TensorList Bs, int64_t total_rank, const at::Device& device) {
+  at::Tensor ids = at::empty({total_rank}, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
+  int64_t* id = ids.mutable_data_ptr<int64_t>();
+  for (int64_t k = 0; k < static_cast<int64_t>(Bs.size()); ++k) {
+    for (int64_t r = 0; r < Bs[k].size(1); ++r) *id++ = k;
+  }
+  return ids.to(device, at::kLong, /*non_blocking=*/true);  // the same tensor on the CPU
+}
+
+// float32 B_s [m, R] with column block k scaled by scale * w_k, and float32 A_s [R, n].
+std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList Bs, at::TensorList As,
+                                                const at::Tensor& weights,  // [K] float32
+                                                double scale, int64_t total_rank) {
+  const at::Tensor clients = column_clients(Bs, total_rank, weights.device());
+  const at::Tensor column_scale = weights.index_select(0, clients).mul_(scale);  // [R]
+  at::Tensor B_s = at::cat(Bs, 1).to(at::kFloat).mul_(column_scale);
+  at::Tensor A_s = at::cat(As, 0).to(at::kFloat);
+  return {B_s, A_s};
+}
+
+at::Tensor stacked_delta_impl(at::TensorList Bs, at::TensorList As, const at::Tensor& weights,
+                              double scale) {
+  const StackedLayout layout = check_stacked("stacked_delta", Bs, As, weights, scale, /*allow_empty=*/false);
+  if (layout.total_rank == 0 || layout.m == 0 || layout.n == 0) {
+    return at::zeros({layout.m, layout.n}, Bs[0].options());
+  }
+  const at::OptionalDeviceGuard guard(at::device_of(Bs[0]));
+  auto [B_s, A_s] = stack_factors(Bs, As, weights, scale, layout.total_rank);
+  return at::mm(B_s, A_s).to(Bs[0].scalar_type());
+}
+
+void stacked_delta_inplace_impl(const at::Tensor& W, at::TensorList Bs, at::TensorList As,
+                                const at::Tensor& weights, double scale, bool transpose) {
+  const StackedLayout layout = check_stacked("stacked_delta_", Bs, As, weights, scale, /*allow_empty=*/true);
+  check_stacked_target(W, Bs, As, layout, transpose);
+  if (Bs.empty() || layout.total_rank == 0 || W.numel() == 0) return;
+  const at::OptionalDeviceGuard guard(at::device_of(W));
+  auto [B_s, A_s] = stack_factors(Bs, As, weights, scale, layout.total_rank);
+  // W [rows, cols] += left [rows, R] @ right [R, cols]
+  const at::Tensor left = transpose ? A_s.t() : B_s;
+  const at::Tensor right = transpose ? B_s.t() : A_s;
+  if (W.scalar_type() == at::kFloat) {
+    W.addmm_(left, right);
+    return;
+  }
+  if (W.is_cuda()) {  // cuBLAS: float32 accumulation inside the low-precision GEMM (see the top)
+    W.addmm_(left.to(W.scalar_type()), right.to(W.scalar_type()));
+    return;
+  }
+  for (int64_t r0 = 0; r0 < W.size(0); r0 += kLowPrecisionRowBlock) {
+    const int64_t rows = std::min(kLowPrecisionRowBlock, W.size(0) - r0);
+    at::Tensor block = W.narrow(0, r0, rows);
+    block.copy_(block.to(at::kFloat).addmm_(left.narrow(0, r0, rows), right));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fedlora, CPU, m) {
+  m.impl("stacked_delta", &stacked_delta_impl);
+  m.impl("stacked_delta_", &stacked_delta_inplace_impl);
+}
+
+#ifdef FEDLORA_WITH_CUDA
+TORCH_LIBRARY_IMPL(fedlora, CUDA, m) {
+  m.impl("stacked_delta", &stacked_delta_impl);
+  m.impl("stacked_delta_", &stacked_delta_inplace_impl);
+}
+#endif
+
+}  // namespace fedlora
