@@ -48,6 +48,29 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
   const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_weighted_sum", [&] {
+    // acc [r1 - r0, c1 - c0] += weight * x_k over the tile, for one client (any rank, any weights).
+    auto accumulate_client = [&](int64_t k, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* acc,
+                                 float* wrow) {
+      const int64_t ck = std::min(c1, client_width[k]);  // columns past r_k * inner are padding
+      if (ck <= c0) return;
+      const int64_t len = ck - c0, tw = c1 - c0;
+      // The weight of every column in the tile: w[k] or w[k, rank of the column].
+      if (per_rank) {
+        for (int64_t c = c0; c < ck;) {
+          const int64_t rank = c / inner, run_end = std::min(ck, (rank + 1) * inner);
+          std::fill(wrow + (c - c0), wrow + (run_end - c0), wp[k * out_rank + rank]);
+          c = run_end;
+        }
+      } else {
+        std::fill(wrow, wrow + len, wp[k]);
+      }
+      const scalar_t* x = clients[k].const_data_ptr<scalar_t>();
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = x + r * client_width[k] + c0;
+        float* ar = acc + (r - r0) * tw;
+        for (int64_t c = 0; c < len; ++c) ar[c] += wrow[c] * static_cast<float>(xr[c]);
+      }
+    };
     at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(static_cast<size_t>(tile_rows * tile_cols));
       std::vector<float> wrow(static_cast<size_t>(tile_cols));
@@ -56,35 +79,29 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
         const int64_t c0 = (t % col_tiles) * tile_cols, c1 = std::min(width, c0 + tile_cols);
         const int64_t tw = c1 - c0;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t ck = std::min(c1, client_width[k]);  // columns past r_k * inner are padding
-          if (ck <= c0) continue;
-          const int64_t len = ck - c0;
-          // The weight of every column in the tile: w[k] or w[k, rank of the column].
-          if (per_rank) {
-            for (int64_t c = c0; c < ck;) {
-              const int64_t rank = c / inner, run_end = std::min(ck, (rank + 1) * inner);
-              std::fill(wrow.begin() + (c - c0), wrow.begin() + (run_end - c0), wp[k * out_rank + rank]);
-              c = run_end;
+        // FedAvg's common case: full-rank clients under [K] weights, where the tile is one contiguous
+        // run in every x_k and in acc. Four clients per sweep quarter the accumulator traffic.
+        const bool flat = !per_rank && tw == width;
+        const int64_t run = (r1 - r0) * width;
+        float* at = acc.data();
+        int64_t k = 0;
+        while (k < K) {
+          if (flat && k + 4 <= K && client_width[k] == width && client_width[k + 1] == width &&
+              client_width[k + 2] == width && client_width[k + 3] == width) {
+            const float w0 = wp[k], w1 = wp[k + 1], w2 = wp[k + 2], w3 = wp[k + 3];
+            const scalar_t* x0 = clients[k].const_data_ptr<scalar_t>() + r0 * width;
+            const scalar_t* x1 = clients[k + 1].const_data_ptr<scalar_t>() + r0 * width;
+            const scalar_t* x2 = clients[k + 2].const_data_ptr<scalar_t>() + r0 * width;
+            const scalar_t* x3 = clients[k + 3].const_data_ptr<scalar_t>() + r0 * width;
+            for (int64_t e = 0; e < run; ++e) {
+              at[e] += w0 * static_cast<float>(x0[e]) + w1 * static_cast<float>(x1[e]) +
+                       w2 * static_cast<float>(x2[e]) + w3 * static_cast<float>(x3[e]);
             }
-          } else {
-            std::fill(wrow.begin(), wrow.begin() + len, wp[k]);
-          }
-          const scalar_t* x = clients[k].const_data_ptr<scalar_t>();
-          if (!per_rank && len == width && tw == width) {
-            // A full-rank client under one weight: the tile is one contiguous run in x_k and acc.
-            const float wk = wp[k];
-            const scalar_t* xt = x + r0 * width;
-            float* at = acc.data();
-            for (int64_t e = 0; e < (r1 - r0) * width; ++e) at[e] += wk * static_cast<float>(xt[e]);
+            k += 4;
             continue;
           }
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* xr = x + r * client_width[k] + c0;
-            float* ar = acc.data() + (r - r0) * tw;
-            const float* wr = wrow.data();
-            for (int64_t c = 0; c < len; ++c) ar[c] += wr[c] * static_cast<float>(xr[c]);
-          }
+          accumulate_client(k, r0, r1, c0, c1, acc.data(), wrow.data());
+          ++k;
         }
         scalar_t* o = out.data_ptr<scalar_t>();
         for (int64_t r = r0; r < r1; ++r) {

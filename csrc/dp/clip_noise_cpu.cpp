@@ -132,7 +132,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
         const scalar_t* g = f.matrices[chunk.tensor].const_data_ptr<scalar_t>() + chunk.begin;
         float* a = acc.data();
         std::fill(a, a + len, 0.0f);
-        for (int64_t i = 0; i < B; ++i) {
+        // Four samples per sweep: a quarter of the accumulator traffic, four read streams in flight.
+        int64_t i = 0;
+        for (; i + 4 <= B; i += 4) {
+          const float c0 = clip[i], c1 = clip[i + 1], c2 = clip[i + 2], c3 = clip[i + 3];
+          const scalar_t* r0 = g + i * width;
+          const scalar_t* r1 = r0 + width;
+          const scalar_t* r2 = r1 + width;
+          const scalar_t* r3 = r2 + width;
+          for (int64_t k = 0; k < len; ++k) {
+            a[k] += c0 * static_cast<float>(r0[k]) + c1 * static_cast<float>(r1[k]) +
+                    c2 * static_cast<float>(r2[k]) + c3 * static_cast<float>(r3[k]);
+          }
+        }
+        for (; i < B; ++i) {
           const float ci = clip[i];
           const scalar_t* row = g + i * width;
           for (int64_t k = 0; k < len; ++k) a[k] += ci * static_cast<float>(row[k]);
