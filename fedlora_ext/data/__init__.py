@@ -1,0 +1,6 @@
+"""Data and models for runs: tiny in-code models, synthetic tasks, and (later) the packaged corpora."""
+
+from fedlora_ext.data.synthetic import synthetic_dataset
+from fedlora_ext.data.tiny_models import build_model
+
+__all__ = ["build_model", "synthetic_dataset"]

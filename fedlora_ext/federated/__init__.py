@@ -1,0 +1,6 @@
+"""The federated layer: configuration, adapters, clients, the in-process simulator."""
+
+from fedlora_ext.federated.config import FedConfig, preset, preset_names
+from fedlora_ext.federated.simulation import Simulation, SimulationResult, simulate
+
+__all__ = ["FedConfig", "Simulation", "SimulationResult", "preset", "preset_names", "simulate"]

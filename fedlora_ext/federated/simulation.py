@@ -1,0 +1,183 @@
+"""The in-process simulator: every client of a federated run on one machine, round by round.
+
+``simulate(config)`` builds the model, the data and its partition, runs the rounds with the configured
+strategy, evaluates, accounts bytes, and writes ``metrics.jsonl``, ``config.json`` and the final global
+adapter (``adapter.safetensors``) to ``config.out_dir`` when set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedlora_ext.data import build_model, synthetic_dataset
+from fedlora_ext.federated import adapters
+from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
+from fedlora_ext.federated.comm import CommLedger, payload_bytes
+from fedlora_ext.federated.config import FedConfig
+from fedlora_ext.federated.evaluate import evaluate
+from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
+from fedlora_ext.strategies import ClientState, GlobalState, Strategy, make_strategy
+
+
+@dataclass
+class SimulationResult:
+    """What a run leaves behind: metrics per round, the final server state and every client's state."""
+
+    history: list[dict]
+    state: GlobalState
+    clients: list[ClientState]
+    ledger: CommLedger
+    out_dir: Path | None = None
+    strategy: Strategy | None = field(default=None, repr=False)
+
+
+class Simulation:
+    """A federated run in one process. Build it, then ``run()``; ``step(round)`` runs one round."""
+
+    def __init__(self, config: FedConfig, *, train_data=None, test_data=None, base_model=None) -> None:
+        self.config = config
+        self.strategy = make_strategy(config)
+        seed = config.seed
+        self.train_data = train_data if train_data is not None else synthetic_dataset(
+            config.task, config.num_examples, config.seq_len, config.num_labels, seed)
+        self.test_data = test_data if test_data is not None else synthetic_dataset(
+            config.task, max(config.num_examples // 4, 8), config.seq_len, config.num_labels, seed + 1)
+        base = base_model if base_model is not None else build_model(config.model, config.task, config.num_labels, seed)
+        self.bench = ModelBench(config, base)
+        self.clients, self.client_data = self._make_clients()
+        init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
+        self.state = self.strategy.init_state(init)
+        self.ledger = CommLedger()
+        self.history: list[dict] = []
+
+    def _make_clients(self):
+        config = self.config
+        n = len(self.train_data)
+        if getattr(self.strategy, "pool_clients", False):  # centralized: one client with all the data
+            shards = [np.arange(n)]
+        elif config.dirichlet_alpha is None:
+            shards = iid_partition(n, config.num_clients, config.seed)
+        else:
+            labels = self.train_data["label"]
+            shards = dirichlet_partition(labels.tolist() if hasattr(labels, "tolist") else labels,
+                                         config.num_clients, config.dirichlet_alpha, config.seed)
+        ranks = config.ranks() if len(shards) == config.num_clients else (max(config.ranks()),)
+        clients, data = [], []
+        for cid, shard in enumerate(shards):
+            train_idx, test_idx = split_train_test(shard, config.test_fraction, derive_seed(config.seed, "split", cid))
+            clients.append(ClientState(cid=cid, rank=self.strategy.client_rank(ranks[cid]), num_examples=len(train_idx)))
+            data.append((self.train_data.select(train_idx.tolist()), self.train_data.select(test_idx.tolist())))
+        return clients, data
+
+    def participants(self, round_index: int) -> list[ClientState]:
+        """The clients sampled for a round (seeded; at least one)."""
+        k = max(1, int(round(self.config.participation * len(self.clients))))
+        rng = np.random.default_rng(derive_seed(self.config.seed, "sample", round_index))
+        chosen = np.sort(rng.choice(len(self.clients), size=k, replace=False))
+        return [self.clients[i] for i in chosen]
+
+    def step(self, round_index: int, progress=None) -> dict:
+        """One round: download, local training, upload, aggregation, evaluation; returns its metrics."""
+        started = time.perf_counter()
+        self.ledger.start_round()
+        replies = []
+        for client in self.participants(round_index):
+            payload = self.strategy.download(self.state, client, round_index)
+            self.ledger.record("down", client.cid, payload_bytes(payload))
+            reply = run_client_round(self.strategy, self.bench, self.state, client, payload,
+                                     self.client_data[client.cid][0], round_index)
+            self.ledger.record("up", client.cid, payload_bytes(reply.tensors))
+            replies.append(reply)
+            if progress is not None:
+                progress.update(1)
+        self.state = self.strategy.aggregate(self.state, replies, round_index)
+        self.strategy.end_round(self.state, self.clients)
+        metrics = {
+            "round": round_index + 1,
+            "clients": [r.cid for r in replies],
+            "train_loss": float(np.mean([r.metrics["loss"] for r in replies])),
+            "bytes_up": self.ledger.round_total("up"),
+            "bytes_down": self.ledger.round_total("down"),
+        }
+        metrics.update(self.evaluate(round_index))
+        metrics["seconds"] = time.perf_counter() - started
+        self.history.append(metrics)
+        return metrics
+
+    def global_model(self):
+        """The server's model: global tensors (and merged base) at the global rank."""
+        model = self.bench.checkout(self.strategy.global_rank(), self.state, derive_seed(self.config.seed, "eval"))
+        adapters.write_tensors(model, self.strategy.global_tensors(self.state))
+        return model
+
+    def client_model(self, client: ClientState, round_index: int):
+        """A client's own model: what it would start its next round from."""
+        model = self.bench.checkout(client.rank, self.state, derive_seed(self.config.seed, "eval", client.cid))
+        self.strategy.prepare(model, client, self.strategy.download(self.state, client, round_index), round_index + 1)
+        return model
+
+    def evaluate(self, round_index: int) -> dict[str, float]:
+        results = {}
+        if self.strategy.global_model:
+            scores = evaluate(self.global_model(), self.test_data, self.config.batch_size * 4)
+            results.update({"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]})
+        if self.strategy.personalised:
+            per_client = [evaluate(self.client_model(c, round_index), self.client_data[c.cid][1])
+                          for c in self.clients if len(self.client_data[c.cid][1])]
+            if per_client:
+                results["personal_accuracy"] = float(np.mean([s["accuracy"] for s in per_client]))
+                results["personal_loss"] = float(np.mean([s["loss"] for s in per_client]))
+        return results
+
+    def run(self, progress: bool = True) -> SimulationResult:
+        out_dir = Path(self.config.out_dir) if self.config.out_dir else None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            metrics_file = open(out_dir / "metrics.jsonl", "w")
+        try:
+            for round_index in range(self.config.rounds):
+                bar = _progress_bar(progress, round_index, self.config.rounds, len(self.participants(round_index)))
+                metrics = self.step(round_index, bar)
+                if bar is not None:
+                    bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k.startswith(("test_acc", "train_loss", "personal_acc"))})
+                    bar.close()
+                if out_dir is not None:
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+        finally:
+            if out_dir is not None:
+                metrics_file.close()
+        if out_dir is not None:
+            self.save_adapter(out_dir / "adapter.safetensors")
+        return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy)
+
+    def save_adapter(self, path: Path) -> None:
+        """The final global adapter (and the merged base deltas, for FLoRA / FedEx-LoRA) as safetensors."""
+        from safetensors.torch import save_file
+
+        tensors = {n: t.contiguous() for n, t in self.strategy.global_tensors(self.state).items()}
+        pristine = self.bench.pristine_base()
+        for module, weight in self.state.base.items():
+            tensors[f"base_delta.{module}"] = (weight - pristine[module]).contiguous()
+        save_file(tensors, str(path), metadata={"method": self.config.method, "rounds": str(self.config.rounds)})
+
+
+def _progress_bar(enabled: bool, round_index: int, rounds: int, clients: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=clients, desc=f"round {round_index + 1}/{rounds}", unit="client", leave=True)
+
+
+def simulate(config: FedConfig, *, progress: bool = True, **overrides) -> SimulationResult:
+    """Runs a federated job in-process (see :class:`Simulation`)."""
+    torch.manual_seed(config.seed)
+    return Simulation(config, **overrides).run(progress=progress)

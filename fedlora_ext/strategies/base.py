@@ -1,0 +1,223 @@
+"""The Strategy base: small hooks that a method overrides, and the registry of methods by name.
+
+A round (DESIGN.md, "Data flow of one round"):
+  server ``download(state, client)`` -> client ``prepare(model, client, payload, round)`` ->
+  ``local_update(...)`` (the local steps) -> ``upload(model, client, start, round)`` and
+  ``keep(model, client, round)`` (what stays on the client) -> server ``aggregate(state, replies, round)``.
+The defaults are FedIT's (arXiv 2305.05644): train A and B, upload both, average them (zero-padded to
+the largest rank when ranks differ). All server math goes through :mod:`fedlora_ext.ops`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fedlora_ext import ops
+from fedlora_ext.federated import adapters
+
+if TYPE_CHECKING:
+    from fedlora_ext.federated.client import LocalTrainer
+    from fedlora_ext.federated.config import FedConfig
+
+
+@dataclass
+class GlobalState:
+    """What the server holds between rounds.
+
+    Attributes:
+        tensors: global shared tensors by name (factors at the global rank, head).
+        base: merged base weights of adapted modules (FLoRA, FedEx-LoRA), float32, by module path;
+            empty while nothing was merged.
+        info: strategy bookkeeping (JSON-friendly scalars and lists).
+    """
+
+    tensors: dict[str, Tensor]
+    base: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientState:
+    """What one client keeps between rounds, in its own storage (never a shared model object).
+
+    Attributes:
+        cid: client id.
+        rank: its current adapter rank.
+        num_examples: local training examples (FedAvg weight n_k).
+        tensors: persistent local tensors (FedSA's B, a personalised head, standalone models).
+        info: scalars such as HetLoRA's last tail norm or the last round it took part in.
+    """
+
+    cid: int
+    rank: int
+    num_examples: int
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """A client's answer to the server: only what the method uploads."""
+
+    cid: int
+    num_examples: int
+    tensors: dict[str, Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fedavg_weights(replies: list[Reply]) -> Tensor:
+    """p_k = n_k / sum_j n_j over the replies, float32 [K]."""
+    counts = torch.tensor([float(r.num_examples) for r in replies], dtype=torch.float64)
+    return (counts / counts.sum()).to(torch.float32)
+
+
+def factor_kind(name: str) -> str:
+    """``"lora_A"``, ``"lora_B"``, ``"vera_d"``, ``"vera_b"`` or ``"head"`` for a shared tensor name."""
+    return "head" if name.startswith("head.") else name.rsplit(".", 1)[1]
+
+
+def rank_dim(name: str) -> int | None:
+    """The rank dimension of a factor (A [r, in]: 0, B [out, r]: 1, VeRA d [r]: 0), None if it has none."""
+    return {"lora_A": 0, "lora_B": 1, "vera_d": 0}.get(factor_kind(name))
+
+
+def truncate_to_rank(name: str, tensor: Tensor, rank: int) -> Tensor:
+    """The first ``rank`` components of a factor along its rank dimension (others pass through)."""
+    dim = rank_dim(name)
+    return tensor if dim is None else tensor.narrow(dim, 0, min(rank, tensor.shape[dim]))
+
+
+def average_tensors(replies: list[Reply], names: list[str], weights: Tensor,
+                    out_ranks: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+    """``sum_k w_k zero_pad(x_k)`` for every name, through ``ops.weighted_sum`` (one call per tensor)."""
+    averaged = {}
+    for name in names:
+        xs = [r.tensors[name] for r in replies]
+        dim = rank_dim(name)
+        if dim is None:  # no rank dimension: a plain weighted mean over a flat view
+            flat = ops.weighted_sum([x.reshape(1, -1) for x in xs], weights, 0, 1)
+            averaged[name] = flat.reshape(xs[0].shape)
+            continue
+        out_rank = (out_ranks or {}).get(name, max(x.shape[dim] for x in xs))
+        averaged[name] = ops.weighted_sum(xs, weights, dim, out_rank)
+    return averaged
+
+
+class Strategy:
+    """A federated LoRA method. Subclasses set ``name`` and override the hooks they change."""
+
+    name: ClassVar[str] = ""
+    #: whether clients may train different ranks (FLoRA, HetLoRA, zero-padding FedIT, LoRA-A2 budgets)
+    heterogeneous_ranks: ClassVar[bool] = True
+    #: whether each client's own model is evaluated on its own test split
+    personalised: ClassVar[bool] = False
+    #: whether the server's global model is meaningful to evaluate
+    global_model: ClassVar[bool] = True
+    #: adapter kinds the method supports
+    adapter_kinds: ClassVar[tuple[str, ...]] = ("lora",)
+
+    def __init__(self, config: FedConfig) -> None:
+        self.config = config
+        self.validate(config)
+
+    # ---- configuration ---------------------------------------------------------------------------
+    def validate(self, config: FedConfig) -> None:
+        """Rejects configurations the method cannot run, before any training."""
+        if config.heterogeneous and not self.heterogeneous_ranks:
+            raise ValueError(
+                f"method {self.name!r} cannot take heterogeneous client ranks {list(config.ranks())}; "
+                "use one rank (or flora, hetlora, fedit with zero-padding, lora_a2)"
+            )
+        if config.adapter not in self.adapter_kinds:
+            raise ValueError(f"method {self.name!r} supports adapters {self.adapter_kinds}, got {config.adapter!r}")
+
+    def scaling(self, rank: int | None = None) -> float:
+        """The LoRA scale s = alpha / r (rsLoRA alpha / sqrt(r)) at ``rank`` (default: the config's)."""
+        spec = adapters.AdapterSpec(rank=rank or self.config.rank, alpha=self.config.alpha, rslora=self.config.rslora)
+        return spec.scaling()
+
+    def client_rank(self, assigned: int) -> int:
+        """The adapter rank of a client whose configured rank is ``assigned``."""
+        return assigned
+
+    def global_rank(self) -> int:
+        """Rank of the server's global adapter: the largest client rank."""
+        return max(self.config.ranks())
+
+    # ---- server ----------------------------------------------------------------------------------
+    def global_tensors(self, state: GlobalState) -> dict[str, Tensor]:
+        """The tensors of the server's model (evaluated and saved as the final adapter)."""
+        return dict(state.tensors)
+
+    def init_state(self, model: nn.Module) -> GlobalState:
+        """The initial global state from a freshly initialised model at the global rank."""
+        return GlobalState(tensors=adapters.read_tensors(model))
+
+    def download(self, state: GlobalState, client: ClientState, round_index: int) -> dict[str, Tensor]:
+        """What the server sends a client: the global tensors, truncated to the client's rank."""
+        return {n: truncate_to_rank(n, t, client.rank).clone() for n, t in state.tensors.items()}
+
+    def aggregate(self, state: GlobalState, replies: list[Reply], round_index: int) -> GlobalState:
+        """FedAvg of every uploaded tensor with p_k = n_k / n, zero-padded to the global rank."""
+        names = list(replies[0].tensors)
+        out_ranks = {n: self.global_rank() for n in names if rank_dim(n) is not None}
+        averaged = average_tensors(replies, names, fedavg_weights(replies), out_ranks)
+        return GlobalState(tensors={**state.tensors, **averaged}, base=state.base, info=state.info)
+
+    def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
+        """Bookkeeping after a round, seeing every client's state (nothing by default)."""
+
+    # ---- client ----------------------------------------------------------------------------------
+    def trainable(self, round_index: int) -> dict[str, bool]:
+        """Which parts train this round: A, B (VeRA: d, b) and the head."""
+        return {"A": True, "B": True, "head": True}
+
+    def prepare(self, model: nn.Module, client: ClientState, payload: Mapping[str, Tensor], round_index: int) -> None:
+        """Loads the client's kept tensors, then the download, into a freshly reset model."""
+        adapters.write_tensors(model, client.tensors)
+        adapters.write_tensors(model, payload)
+        adapters.set_trainable(model, **self.trainable(round_index))
+
+    def penalty(self, model: nn.Module, client: ClientState) -> Callable[[], Tensor] | None:
+        """An extra term of the local loss (HetLoRA's rank self-pruning), or None."""
+        return None
+
+    def local_update(self, trainer: LocalTrainer, model: nn.Module, client: ClientState, round_index: int) -> float:
+        """The local steps; returns the mean training loss."""
+        return trainer.train(model, penalty=self.penalty(model, client))
+
+    def upload(self, model: nn.Module, client: ClientState, start: Mapping[str, Tensor],
+               round_index: int) -> dict[str, Tensor]:
+        """What the client sends: every tensor it trained (values, not deltas)."""
+        return {n: p.detach().clone() for n, p in adapters.trainable_parameters(model).items()}
+
+    def keep(self, model: nn.Module, client: ClientState, round_index: int) -> dict[str, Tensor]:
+        """What stays on the client until its next round (nothing for FedIT)."""
+        return {}
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: makes a strategy available by its ``name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"strategy name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_strategy(config: FedConfig) -> Strategy:
+    """The strategy named by ``config.method``, validated against the configuration."""
+    if config.method not in _REGISTRY:
+        raise ValueError(f"unknown method {config.method!r}; known methods: {strategy_names()}")
+    return _REGISTRY[config.method](config)

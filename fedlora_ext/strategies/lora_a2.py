@@ -1,0 +1,126 @@
+"""LoRA-A2 (Koo et al., ACL'25, arXiv 2410.22815): alternating freeze and adaptive rank selection.
+
+Rounds 1, 3, ... train B with A frozen; rounds 2, 4, ... train A with B frozen, so the server's update
+of the trained factor is exact (the other factor is shared). After one local epoch each client scores
+every rank i of every module, S_B[m, i] = ||dB[:, i] A[i, :]||_F (or ||B[:, i] dA[i, :]||_F), keeps the
+top ``budget * N`` ranks jointly across all N modules, restarts from the round's start and trains all
+local steps with the update masked to them. It uploads only the selected rank slices of the update and
+their indices (int32). The server adds B <- B + sum_k w_k (dB_k * M_k), w_k = n_k / n, unrenormalised.
+
+Heterogeneous budgets: ``client_ranks`` are then per-client budgets (ranks per module on average);
+every client's adapter has the global ``rank``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedlora_ext import ops
+from fedlora_ext.federated import adapters
+from fedlora_ext.strategies.base import (
+    GlobalState, Strategy, average_tensors, factor_kind, fedavg_weights, rank_dim, register,
+)
+
+
+@register
+class LoRAA2(Strategy):
+    name = "lora_a2"
+
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.client_ranks and max(config.client_ranks) > config.rank:
+            raise ValueError(f"lora_a2: client budgets {list(config.client_ranks)} exceed the adapter rank {config.rank}")
+
+    def client_rank(self, assigned: int) -> int:
+        return self.config.rank  # every adapter has the global rank; client_ranks are budgets
+
+    def global_rank(self) -> int:
+        return self.config.rank
+
+    def factor(self, round_index: int) -> str:
+        return "lora_B" if round_index % 2 == 0 else "lora_A"
+
+    def trainable(self, round_index: int) -> dict[str, bool]:
+        trains_b = self.factor(round_index) == "lora_B"
+        return {"A": not trains_b, "B": trains_b, "head": True}
+
+    def budget(self, cid: int) -> float:
+        return float(self.config.client_ranks[cid]) if self.config.client_ranks else self.config.lora_a2_budget
+
+    def local_update(self, trainer, model, client, round_index: int) -> float:
+        factor = self.factor(round_index)
+        start = {n: p.detach().clone() for n, p in adapters.trainable_parameters(model).items()}
+        epoch = max(1, min(self.config.local_steps, math.ceil(client.num_examples / self.config.batch_size)))
+        trainer.train(model, steps=epoch)  # the scoring epoch
+        masks = self.select_ranks(model, start, factor, self.budget(client.cid))
+        adapters.write_tensors(model, start)  # restart the round from where it began, now masked
+        handles = adapters.RankMask(masks).install(model)
+        try:
+            loss = trainer.train(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        client.info["a2_masks"] = masks
+        return loss
+
+    @staticmethod
+    def select_ranks(model, start, factor: str, budget: float) -> dict[str, torch.Tensor]:
+        """Boolean masks [r] per module of the top ``budget * N`` rank scores across all modules."""
+        scores = {}
+        for module, layer in adapters.adapter_layers(model).items():
+            A = layer.lora_A[adapters.ADAPTER].weight.detach()
+            B = layer.lora_B[adapters.ADAPTER].weight.detach()
+            if factor == "lora_B":
+                dB = B - start[f"{module}.lora_B"]
+                scores[module] = torch.linalg.norm(dB, dim=0) * torch.linalg.norm(A, dim=1)  # ||dB_i A_i||_F
+            else:
+                dA = A - start[f"{module}.lora_A"]
+                scores[module] = torch.linalg.norm(B, dim=0) * torch.linalg.norm(dA, dim=1)
+        flat = torch.cat(list(scores.values()))
+        keep = min(flat.numel(), max(1, int(round(budget * len(scores)))))
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen[torch.topk(flat, keep).indices] = True
+        masks, start_index = {}, 0
+        for module, s in scores.items():
+            masks[module] = chosen[start_index : start_index + s.numel()]
+            start_index += s.numel()
+        return masks
+
+    def upload(self, model, client, start, round_index):
+        factor = self.factor(round_index)
+        masks = client.info.pop("a2_masks")
+        params = adapters.adapter_parameters(model)
+        out = {}
+        for module, mask in masks.items():
+            ranks = mask.nonzero().flatten()
+            if ranks.numel() == 0:
+                continue
+            name = f"{module}.{factor}"
+            delta = params[name].detach() - start[name]
+            out[f"{name}_delta"] = delta.index_select(rank_dim(name), ranks).clone()
+            out[f"{name}_ranks"] = ranks.to(torch.int32)
+        out.update({n: p.detach().clone() for n, p in adapters.head_parameters(model).items()})
+        return out
+
+    def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
+        factor = self.factor(round_index)
+        p = fedavg_weights(replies)
+        updated = {}
+        for name, current in state.tensors.items():
+            if factor_kind(name) != factor:
+                continue
+            dim, r = rank_dim(name), current.shape[rank_dim(name)]
+            deltas, weights = [], torch.zeros(len(replies), r)
+            for k, reply in enumerate(replies):
+                dense = torch.zeros_like(current)
+                if f"{name}_ranks" in reply.tensors:
+                    ranks = reply.tensors[f"{name}_ranks"].long()
+                    dense.index_copy_(dim, ranks, reply.tensors[f"{name}_delta"])
+                    weights[k, ranks] = p[k]  # w_k on the selected ranks, 0 elsewhere: the mask
+                deltas.append(dense)
+            updated[name] = current + ops.weighted_sum(deltas, weights, dim, r)
+        heads = [n for n in replies[0].tensors if factor_kind(n) == "head"]
+        updated.update(average_tensors(replies, heads, p))
+        return GlobalState(tensors={**state.tensors, **updated}, base=state.base, info=state.info)

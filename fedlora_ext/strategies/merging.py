@@ -1,0 +1,55 @@
+"""Methods that fold adapter products into the frozen base weights (FLoRA, FedEx-LoRA).
+
+The server keeps float32 master copies of the adapted base weights in ``GlobalState.base`` and merges
+``W += sum_k w_k B_k A_k`` through the fused ``stacked_delta_`` (transposed for GPT-2's Conv1D). What a
+client downloads to follow is the stacked factors of every merge since it last took part, so the
+simulator keeps those stacks until every client has them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedlora_ext.federated import adapters
+from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+
+
+class MergingStrategy(Strategy):
+    """Base-merging bookkeeping shared by FLoRA and FedEx-LoRA."""
+
+    def init_state(self, model) -> GlobalState:
+        state = super().init_state(model)
+        state.base = {n: w.detach().float().clone() for n, w in adapters.base_weights(model).items()}
+        self._fan_in_fan_out = {n: adapters.is_fan_in_fan_out(model, n) for n in state.base}
+        state.info["stacks"] = {}  # round -> {"<module>.B_stacked": [m, R], "<module>.A_stacked": [R, n]}
+        return state
+
+    def merge(self, state: GlobalState, module: str, Bs: list[Tensor], As: list[Tensor], weights: Tensor,
+              round_index: int) -> None:
+        """``base[module] += sum_k weights_k B_k A_k`` and remember the stacked factors for downloads."""
+        W = state.base[module]
+        adapters.merge_stacked_(W, [b.float() for b in Bs], [a.float() for a in As], weights,
+                                self._fan_in_fan_out[module])
+        stack = state.info["stacks"].setdefault(round_index, {})
+        stack[f"{module}.B_stacked"] = torch.cat([b.float() for b in Bs], dim=1)
+        stack[f"{module}.A_stacked"] = torch.cat([w * a.float() for w, a in zip(weights.tolist(), As)], dim=0)
+
+    def missed_stacks(self, state: GlobalState, client: ClientState) -> dict[str, Tensor]:
+        """The stacked factors of every merge since the client last took part (what it must download)."""
+        # A client that trained in round L had every merge before L; it needs those of rounds >= L.
+        since = client.info.get("last_round", 0)
+        return {f"round{r}.{n}": t for r, stack in sorted(state.info["stacks"].items()) if r >= since
+                for n, t in stack.items()}
+
+    def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
+        """Drops the stacks every client has merged already."""
+        everyone_has = min(c.info.get("last_round", 0) for c in clients)  # merges before this are delivered
+        for r in [r for r in state.info["stacks"] if r < everyone_has]:
+            del state.info["stacks"][r]
+
+    @staticmethod
+    def fedavg(replies: list[Reply]) -> Tensor:
+        from fedlora_ext.strategies.base import fedavg_weights
+
+        return fedavg_weights(replies)
