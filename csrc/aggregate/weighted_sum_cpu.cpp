@@ -6,6 +6,8 @@
 // One parallel loop over output tiles; each tile accumulates all K clients in float32 while it is in
 // cache, reading every client row once.
 #include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/cpu_loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -47,7 +49,7 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
   const int64_t col_tiles = (width + tile_cols - 1) / tile_cols;
   const int64_t row_tiles = (rows + tile_rows - 1) / tile_rows;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_weighted_sum", [&] {
+  FEDLORA_DISPATCH_FLOATING(dtype, "fedlora_weighted_sum", [&] {
     // acc [r1 - r0, c1 - c0] += weight * x_k over the tile, for one client (any rank, any weights).
     auto accumulate_client = [&](int64_t k, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* acc,
                                  float* wrow) {
@@ -68,7 +70,7 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
       for (int64_t r = r0; r < r1; ++r) {
         const scalar_t* xr = x + r * client_width[k] + c0;
         float* ar = acc + (r - r0) * tw;
-        for (int64_t c = 0; c < len; ++c) ar[c] += wrow[c] * static_cast<float>(xr[c]);
+        loops::axpy_columns(ar, xr, wrow, len);
       }
     };
     at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
@@ -88,15 +90,11 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
         while (k < K) {
           if (flat && k + 4 <= K && client_width[k] == width && client_width[k + 1] == width &&
               client_width[k + 2] == width && client_width[k + 3] == width) {
-            const float w0 = wp[k], w1 = wp[k + 1], w2 = wp[k + 2], w3 = wp[k + 3];
-            const scalar_t* x0 = clients[k].const_data_ptr<scalar_t>() + r0 * width;
-            const scalar_t* x1 = clients[k + 1].const_data_ptr<scalar_t>() + r0 * width;
-            const scalar_t* x2 = clients[k + 2].const_data_ptr<scalar_t>() + r0 * width;
-            const scalar_t* x3 = clients[k + 3].const_data_ptr<scalar_t>() + r0 * width;
-            for (int64_t e = 0; e < run; ++e) {
-              at[e] += w0 * static_cast<float>(x0[e]) + w1 * static_cast<float>(x1[e]) +
-                       w2 * static_cast<float>(x2[e]) + w3 * static_cast<float>(x3[e]);
-            }
+            const scalar_t* rows[4] = {clients[k].const_data_ptr<scalar_t>() + r0 * width,
+                                       clients[k + 1].const_data_ptr<scalar_t>() + r0 * width,
+                                       clients[k + 2].const_data_ptr<scalar_t>() + r0 * width,
+                                       clients[k + 3].const_data_ptr<scalar_t>() + r0 * width};
+            loops::axpy4(at, rows, wp + k, run);
             k += 4;
             continue;
           }

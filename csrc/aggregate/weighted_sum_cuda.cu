@@ -10,6 +10,7 @@
 // viewed as one row of numel columns, so it vectorises whatever inner is. Memory traffic: every client
 // element read once, every output element written once.
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/cuda_utils.cuh"
 
 #include <ATen/Dispatch.h>
@@ -114,7 +115,7 @@ at::Tensor weighted_sum_cuda(at::TensorList xs,      // each [..., r_k, ...] (r_
   const ClientDesc* table = cuda::DeviceTables::get<ClientDesc>(blob, at_descs);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "fedlora_weighted_sum_cuda", [&] {
+  FEDLORA_DISPATCH_FLOATING(xs[0].scalar_type(), "fedlora_weighted_sum_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);  // 4 float, 8 half / bfloat16
     if (aligned16 && inner % kVec == 0) {
       launch<scalar_t, kVec>(table, K, w, layout.per_rank_weights, R, inner, out, stream);

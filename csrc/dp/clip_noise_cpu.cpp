@@ -5,6 +5,8 @@
 // adds the noise stream and divides by the denominator. Partial sums are reduced in a fixed order,
 // so results do not depend on the thread count.
 #include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/cpu_loops.h"
 #include "common/chunks.h"
 #include "common/normal_cpu.h"
 
@@ -22,29 +24,6 @@ namespace fedlora {
 namespace {
 
 constexpr int64_t kChunkWidth = 4096;  // columns per work item: one float32 row of it fits in L1
-constexpr int kAccLanes = 16;           // independent accumulators, so the reduction vectorises
-
-template <typename T>
-float sum_squares(const T* x, int64_t n) {
-  float acc[kAccLanes] = {};
-  int64_t c = 0;
-  for (; c + kAccLanes <= n; c += kAccLanes) {
-    for (int l = 0; l < kAccLanes; ++l) {
-      const float v = static_cast<float>(x[c + l]);
-      acc[l] += v * v;
-    }
-  }
-  float tail = 0.0f;
-  for (; c < n; ++c) {
-    const float v = static_cast<float>(x[c]);
-    tail += v * v;
-  }
-  for (int width = kAccLanes / 2; width > 0; width /= 2) {
-    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
-  }
-  return acc[0] + tail;
-}
-
 // Each g_j as a contiguous [B, D_j] matrix (a copy only for non-contiguous input).
 struct Flattened {
   std::vector<at::Tensor> matrices;
@@ -67,14 +46,14 @@ at::Tensor norms_of(const Flattened& f, int64_t B, at::ScalarType dtype) {
   const std::vector<Chunk> chunks = plan_chunks(f.widths, kChunkWidth);
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
   std::vector<float> partial(static_cast<size_t>(n_chunks * B), 0.0f);  // [chunk, sample]
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_per_sample_norms", [&] {
+  FEDLORA_DISPATCH_FLOATING(dtype, "fedlora_per_sample_norms", [&] {
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const Chunk& chunk = chunks[c];
         const int64_t width = f.widths[chunk.tensor];
         const scalar_t* g = f.matrices[chunk.tensor].const_data_ptr<scalar_t>();
         for (int64_t i = 0; i < B; ++i) {
-          partial[c * B + i] = sum_squares(g + i * width + chunk.begin, chunk.end - chunk.begin);
+          partial[c * B + i] = loops::sum_squares(g + i * width + chunk.begin, chunk.end - chunk.begin);
         }
       }
     });
@@ -122,7 +101,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
   const float inv_denominator = static_cast<float>(1.0 / denominator);
   const bool add_noise = noise_multiplier > 0;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_dp_clip_noise", [&] {
+  FEDLORA_DISPATCH_FLOATING(dtype, "fedlora_dp_clip_noise", [&] {
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> acc(kChunkWidth), noise(kChunkWidth);
       for (int64_t c = begin; c < end; ++c) {
@@ -135,26 +114,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
         // Four samples per sweep: a quarter of the accumulator traffic, four read streams in flight.
         int64_t i = 0;
         for (; i + 4 <= B; i += 4) {
-          const float c0 = clip[i], c1 = clip[i + 1], c2 = clip[i + 2], c3 = clip[i + 3];
-          const scalar_t* r0 = g + i * width;
-          const scalar_t* r1 = r0 + width;
-          const scalar_t* r2 = r1 + width;
-          const scalar_t* r3 = r2 + width;
-          for (int64_t k = 0; k < len; ++k) {
-            a[k] += c0 * static_cast<float>(r0[k]) + c1 * static_cast<float>(r1[k]) +
-                    c2 * static_cast<float>(r2[k]) + c3 * static_cast<float>(r3[k]);
-          }
+          const scalar_t* rows[4] = {g + i * width, g + (i + 1) * width, g + (i + 2) * width, g + (i + 3) * width};
+          loops::axpy4(a, rows, &clip[i], len);
         }
-        for (; i < B; ++i) {
-          const float ci = clip[i];
-          const scalar_t* row = g + i * width;
-          for (int64_t k = 0; k < len; ++k) a[k] += ci * static_cast<float>(row[k]);
-        }
+        for (; i < B; ++i) loops::axpy(a, g + i * width, clip[i], len);
         if (add_noise) {
           float* z = noise.data();
           fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                        starts[chunk.tensor] + chunk.begin, len, z);
-          for (int64_t k = 0; k < len; ++k) a[k] += noise_std * z[k];
+          loops::axpy(a, z, noise_std, len);
         }
         scalar_t* out = outs[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
         for (int64_t k = 0; k < len; ++k) out[k] = static_cast<scalar_t>(a[k] * inv_denominator);

@@ -8,6 +8,7 @@
 //      out[e] = (sum_i c_i g[i, e] + std * z_e) / denominator. Reads every gradient element once more.
 // The per-tensor descriptors and the chunk table travel in one pinned buffer with one async copy.
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/chunks.h"
 #include "common/cuda_utils.cuh"
 #include "common/normal_cuda.cuh"
@@ -210,7 +211,7 @@ void launch_norms(const DeviceList& list, int64_t B, at::ScalarType dtype, float
   at::Tensor partial = at::empty({list.n_chunks, B}, norms.options());  // [C, B]
   if (list.n_chunks > 0) {
     const int64_t items = list.n_chunks * B;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_per_sample_norms_cuda", [&] {
+    FEDLORA_DISPATCH_FLOATING(dtype, "fedlora_per_sample_norms_cuda", [&] {
       sum_squares_kernel<scalar_t><<<cuda::blocks_for(items, 1), cuda::kThreads, 0, stream>>>(
           list.descs, list.chunks, items, B, partial.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -257,7 +258,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorLis
                                static_cast<float>(1.0 / denominator), noise_multiplier > 0};
   const int64_t quads = (list.total + 3) / 4;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fedlora_dp_clip_noise_cuda", [&] {
+  FEDLORA_DISPATCH_FLOATING(dtype, "fedlora_dp_clip_noise_cuda", [&] {
     clip_sum_noise_kernel<scalar_t><<<cuda::blocks_for(quads, cuda::kThreads), cuda::kThreads, 0, stream>>>(
         list.descs, list.n_tensors, list.total, B, clip.const_data_ptr<float>(), params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -2,6 +2,8 @@
 // (common/philox.h) indexed by the element's position in the flattened list. One parallel loop runs
 // over the chunks of every tensor; the stream makes the result independent of the chunking.
 #include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/cpu_loops.h"
 #include "common/chunks.h"
 #include "common/normal_cpu.h"
 
@@ -32,7 +34,7 @@ void gaussian_noise_cpu(at::TensorList tensors, double std, int64_t seed, int64_
   const std::vector<int64_t> starts = list_offsets(widths);
   const float scale = static_cast<float>(std);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
+  FEDLORA_DISPATCH_FLOATING(tensors[0].scalar_type(),
                                   "fedlora_gaussian_noise_", [&] {
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> noise(kChunkWidth);
@@ -43,9 +45,7 @@ void gaussian_noise_cpu(at::TensorList tensors, double std, int64_t seed, int64_
         fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                      starts[chunk.tensor] + chunk.begin, len, z);
         scalar_t* x = buffers[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
-        for (int64_t k = 0; k < len; ++k) {
-          x[k] = static_cast<scalar_t>(static_cast<float>(x[k]) + scale * z[k]);
-        }
+        loops::add_scaled(x, z, scale, len);
       }
     });
   });

@@ -5,6 +5,7 @@
 // tensor. Memory traffic: every element read once and written once (plus a copy in and out for
 // non-contiguous tensors, as on the CPU).
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/cuda_utils.cuh"
 #include "common/normal_cuda.cuh"
 
@@ -84,7 +85,7 @@ void gaussian_noise_cuda(at::TensorList tensors,  // each [...], updated in plac
   const at::Tensor blob = tables.upload(tensors[0].device());  // alive until the launch is enqueued
   const int64_t quads = (total + 3) / 4;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(),
+  FEDLORA_DISPATCH_FLOATING(tensors[0].scalar_type(),
                                   "fedlora_gaussian_noise_cuda", [&] {
     add_noise_kernel<scalar_t><<<cuda::blocks_for(quads, cuda::kThreads), cuda::kThreads, 0, stream>>>(
         cuda::DeviceTables::get<NoiseDesc>(blob, at_descs), static_cast<int64_t>(descs.size()), total,

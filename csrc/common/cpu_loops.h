@@ -1,0 +1,38 @@
+// Inner loops of the CPU kernels, built for AVX2 and AVX-512 besides the baseline ISA and picked at load
+// time (GCC/Clang function multi-versioning): at the baseline's 128-bit SIMD these loops cannot keep up
+// with the cache bandwidth the per-sample gradients stream at.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace fedlora::loops {
+
+// sum_c x[c]^2 in float32.
+float sum_squares(const float* x, int64_t n);
+float sum_squares(const c10::Half* x, int64_t n);
+float sum_squares(const c10::BFloat16* x, int64_t n);
+
+// acc[c] += w0 x0[c] + w1 x1[c] + w2 x2[c] + w3 x3[c]: four rows per sweep of the accumulator.
+void axpy4(float* acc, const float* const x[4], const float w[4], int64_t n);
+void axpy4(float* acc, const c10::Half* const x[4], const float w[4], int64_t n);
+void axpy4(float* acc, const c10::BFloat16* const x[4], const float w[4], int64_t n);
+
+// acc[c] += w x[c].
+void axpy(float* acc, const float* x, float w, int64_t n);
+void axpy(float* acc, const c10::Half* x, float w, int64_t n);
+void axpy(float* acc, const c10::BFloat16* x, float w, int64_t n);
+
+// acc[c] += w[c] x[c] (a weight per column).
+void axpy_columns(float* acc, const float* x, const float* w, int64_t n);
+void axpy_columns(float* acc, const c10::Half* x, const float* w, int64_t n);
+void axpy_columns(float* acc, const c10::BFloat16* x, const float* w, int64_t n);
+
+// x[c] = x[c] + s z[c], rounded to x's dtype.
+void add_scaled(float* x, const float* z, float s, int64_t n);
+void add_scaled(c10::Half* x, const float* z, float s, int64_t n);
+void add_scaled(c10::BFloat16* x, const float* z, float s, int64_t n);
+
+}  // namespace fedlora::loops
