@@ -30,7 +30,8 @@ class FedConfig:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
         batch_size, lr, optimizer (``adamw`` or ``sgd``), fedprox_mu (> 0 adds FedProx's proximal term).
-        dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID.
+        dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID (in TOML, which
+            has no null: ``dirichlet_alpha = "iid"``).
     Method knobs:
         hetlora_gamma, hetlora_lambda: HetLoRA's rank self-pruning (decay g and penalty weight).
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
@@ -68,6 +69,9 @@ class FedConfig:
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dirichlet_alpha is not None and not isinstance(self.dirichlet_alpha, (int, float)):
+            raise ValueError(f"FedConfig: dirichlet_alpha must be a number > 0 or None (TOML: \"iid\"), "
+                             f"got {self.dirichlet_alpha!r}")
         checks = [
             (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
             (self.adapter in ("lora", "vera"), f"adapter must be 'lora' or 'vera', got {self.adapter!r}"),
@@ -122,6 +126,8 @@ class FedConfig:
         if unknown:
             raise ValueError(f"FedConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        if values.get("dirichlet_alpha") == "iid":  # TOML has no null: "iid" stands for None
+            values["dirichlet_alpha"] = None
         return cls(**values)
 
     @classmethod

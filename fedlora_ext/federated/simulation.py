@@ -22,7 +22,9 @@ from fedlora_ext.federated.comm import CommLedger, payload_bytes
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
-from fedlora_ext.strategies import ClientState, GlobalState, Strategy, make_strategy
+# From the base module, not the package: ``import fedlora_ext.strategies`` imports the strategies, which
+# import ``fedlora_ext.federated`` (adapters) and so this module while the package is half initialised.
+from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, make_strategy
 
 
 @dataclass

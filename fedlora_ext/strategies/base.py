@@ -163,7 +163,11 @@ class Strategy:
         return {n: truncate_to_rank(n, t, client.rank).clone() for n, t in state.tensors.items()}
 
     def aggregate(self, state: GlobalState, replies: list[Reply], round_index: int) -> GlobalState:
-        """FedAvg of every uploaded tensor with p_k = n_k / n, zero-padded to the global rank."""
+        """FedAvg of every uploaded tensor with p_k = n_k / n, zero-padded to the global rank.
+
+        Returns the next state. Methods that merge into the base (FLoRA, FedEx-LoRA) update ``state``
+        in place and return it, so a [m, n] base weight is never copied per round.
+        """
         names = list(replies[0].tensors)
         out_ranks = {n: self.global_rank() for n in names if rank_dim(n) is not None}
         averaged = average_tensors(replies, names, fedavg_weights(replies), out_ranks)

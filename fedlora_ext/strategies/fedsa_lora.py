@@ -19,6 +19,10 @@ class FedSALoRA(Strategy):
     personalised = True
     global_model = False  # the server never sees a B: each client's model is the model
 
+    def global_tensors(self, state: GlobalState):
+        """Only the shared A (VeRA: d) means anything at the server; B and heads are the clients'."""
+        return {n: t for n, t in state.tensors.items() if factor_kind(n) in _SHARED}
+
     def download(self, state: GlobalState, client: ClientState, round_index: int):
         return {n: t.clone() for n, t in state.tensors.items() if factor_kind(n) in _SHARED}
 
