@@ -1,6 +1,7 @@
 """The federated layer: configuration, adapters, clients, the in-process simulator."""
 
 from fedlora_ext.federated.config import FedConfig, preset, preset_names
+from fedlora_ext.federated.server import Server
 from fedlora_ext.federated.simulation import Simulation, SimulationResult, simulate
 
-__all__ = ["FedConfig", "Simulation", "SimulationResult", "preset", "preset_names", "simulate"]
+__all__ = ["FedConfig", "Server", "Simulation", "SimulationResult", "preset", "preset_names", "simulate"]

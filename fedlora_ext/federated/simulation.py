@@ -18,10 +18,11 @@ import torch
 from fedlora_ext.data import build_model, synthetic_dataset
 from fedlora_ext.federated import adapters
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
-from fedlora_ext.federated.comm import CommLedger, payload_bytes
+from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
+from fedlora_ext.federated.server import Server
 # From the base module, not the package: ``import fedlora_ext.strategies`` imports the strategies, which
 # import ``fedlora_ext.federated`` (adapters) and so this module while the package is half initialised.
 from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, make_strategy
@@ -54,9 +55,20 @@ class Simulation:
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
-        self.state = self.strategy.init_state(init)
-        self.ledger = CommLedger()
+        self.server = Server(self.strategy, self.strategy.init_state(init), seed)
         self.history: list[dict] = []
+
+    @property
+    def state(self) -> GlobalState:
+        return self.server.state
+
+    @state.setter
+    def state(self, value: GlobalState) -> None:
+        self.server.state = value
+
+    @property
+    def ledger(self) -> CommLedger:
+        return self.server.ledger
 
     def _make_clients(self):
         config = self.config
@@ -79,27 +91,22 @@ class Simulation:
 
     def participants(self, round_index: int) -> list[ClientState]:
         """The clients sampled for a round (seeded; at least one)."""
-        k = max(1, int(round(self.config.participation * len(self.clients))))
-        rng = np.random.default_rng(derive_seed(self.config.seed, "sample", round_index))
-        chosen = np.sort(rng.choice(len(self.clients), size=k, replace=False))
-        return [self.clients[i] for i in chosen]
+        return self.server.sample(round_index, self.clients)
 
     def step(self, round_index: int, progress=None) -> dict:
         """One round: download, local training, upload, aggregation, evaluation; returns its metrics."""
         started = time.perf_counter()
-        self.ledger.start_round()
+        self.server.start_round()
         replies = []
         for client in self.participants(round_index):
-            payload = self.strategy.download(self.state, client, round_index)
-            self.ledger.record("down", client.cid, payload_bytes(payload))
+            payload = self.server.configure(client, round_index)
             reply = run_client_round(self.strategy, self.bench, self.state, client, payload,
                                      self.client_data[client.cid][0], round_index)
-            self.ledger.record("up", client.cid, payload_bytes(reply.tensors))
+            self.server.receive(reply)
             replies.append(reply)
             if progress is not None:
                 progress.update(1)
-        self.state = self.strategy.aggregate(self.state, replies, round_index)
-        self.strategy.end_round(self.state, self.clients)
+        self.server.aggregate(replies, round_index, self.clients)
         metrics = {
             "round": round_index + 1,
             "clients": [r.cid for r in replies],

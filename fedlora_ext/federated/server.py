@@ -1,0 +1,49 @@
+"""The server side of a federated run: the global state, client sampling, and the byte ledger.
+
+It is transport-agnostic: the in-process simulator hands it replies directly, and a Flower ServerApp
+can do the same with replies decoded from ArrayRecords. The method's math is the strategy's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from fedlora_ext.federated.client import derive_seed
+from fedlora_ext.federated.comm import CommLedger, payload_bytes
+from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+
+
+class Server:
+    """Holds the global state between rounds and accounts every byte sent and received."""
+
+    def __init__(self, strategy: Strategy, state: GlobalState, seed: int) -> None:
+        self.strategy = strategy
+        self.state = state
+        self.seed = seed
+        self.ledger = CommLedger()
+
+    def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
+        """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one)."""
+        k = max(1, int(round(self.strategy.config.participation * len(clients))))
+        rng = np.random.default_rng(derive_seed(self.seed, "sample", round_index))
+        return [clients[i] for i in np.sort(rng.choice(len(clients), size=k, replace=False))]
+
+    def start_round(self) -> None:
+        self.ledger.start_round()
+
+    def configure(self, client: ClientState, round_index: int) -> dict[str, Tensor]:
+        """What the client downloads this round (and its bytes, on the ledger)."""
+        payload = self.strategy.download(self.state, client, round_index)
+        self.ledger.record("down", client.cid, payload_bytes(payload))
+        return payload
+
+    def receive(self, reply: Reply) -> None:
+        """Accounts a client's upload."""
+        self.ledger.record("up", reply.cid, payload_bytes(reply.tensors))
+
+    def aggregate(self, replies: list[Reply], round_index: int, clients: list[ClientState]) -> GlobalState:
+        """Merges the round's replies into the next global state."""
+        self.state = self.strategy.aggregate(self.state, replies, round_index)
+        self.strategy.end_round(self.state, clients)
+        return self.state
