@@ -208,11 +208,6 @@ def merge_stacked_(W: Tensor, Bs: list[Tensor], As: list[Tensor], weights: Tenso
         ops.stacked_delta_(W, Bs, As, weights.to(torch.float32), 1.0, transpose=fan_in_fan_out)
 
 
-def lora_scaling(model: nn.Module) -> dict[str, float]:
-    """peft's scaling of every LoRA layer."""
-    return {name: float(layer.scaling[ADAPTER]) for name, layer in adapter_layers(model).items() if hasattr(layer, "scaling")}
-
-
 @dataclass
 class RankMask:
     """Per-module boolean rank masks ``[r]`` applied to the gradients of A rows and B columns."""

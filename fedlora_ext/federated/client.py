@@ -88,9 +88,9 @@ class LocalTrainer:
             chosen, order = order[:size], order[size:]
             yield self.data[chosen]
 
-    def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None,
-              anchor: Mapping[str, Tensor] | None = None) -> float:
-        """Runs the local steps; returns the mean loss. ``anchor`` overrides the FedProx reference."""
+    def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None) -> float:
+        """Runs the local steps (default ``local_steps``); returns the mean loss. The FedProx term pulls
+        towards the values the trainable parameters had when this call started (the global model)."""
         params = adapters.trainable_parameters(model)
         if not params:
             raise ValueError("LocalTrainer: the model has no trainable adapter parameters")
@@ -99,7 +99,7 @@ class LocalTrainer:
         else:
             optimizer = torch.optim.AdamW(params.values(), lr=self.config.lr, weight_decay=0.0)
         mu = self.config.fedprox_mu
-        reference = {n: p.detach().clone() for n, p in params.items()} if anchor is None else anchor
+        reference = {n: p.detach().clone() for n, p in params.items()}
         losses = []
         for batch in self.batches(steps or self.config.local_steps):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fedlora_ext.federated import adapters
-from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy
 
 
 class MergingStrategy(Strategy):
@@ -47,9 +47,3 @@ class MergingStrategy(Strategy):
         everyone_has = min(c.info.get("last_round", 0) for c in clients)  # merges before this are delivered
         for r in [r for r in state.info["stacks"] if r < everyone_has]:
             del state.info["stacks"][r]
-
-    @staticmethod
-    def fedavg(replies: list[Reply]) -> Tensor:
-        from fedlora_ext.strategies.base import fedavg_weights
-
-        return fedavg_weights(replies)
