@@ -115,3 +115,17 @@ def test_partial_participation_counts_only_participants():
     for round_index, metrics in enumerate(sim.history):
         assert sorted(_per_client(sim, round_index, "up")) == metrics["clients"]
         assert len(metrics["clients"]) == 2
+
+
+def test_lora_a2_downloads_only_the_factor_updated_last_round():
+    """LoRA-A2: round 1 sends A, B and the head; a client that took part in round 1 then receives only
+    B (trained in round 1) and the head, since A did not change and it kept its copy of it."""
+    config, sim = run("lora_a2", "tiny-bert")
+    shapes = layer_shapes(config)
+    both = sum(config.rank * (m + n) * F32 for m, n in shapes) + head_bytes(config)
+    only_b = sum(config.rank * m * F32 for m, n in shapes) + head_bytes(config)
+    assert _per_client(sim, 0, "down") == {c.cid: both for c in sim.clients}
+    assert _per_client(sim, 1, "down") == {c.cid: only_b for c in sim.clients}
+    for client in sim.clients:  # round 2 trained A: the client kept the frozen B, still the global one
+        kept = {n: t for n, t in client.tensors.items() if n.endswith("lora_B")}
+        assert kept and all((t == sim.state.tensors[n]).all() for n, t in kept.items())

@@ -7,6 +7,9 @@ top ``budget * N`` ranks jointly across all N modules, restarts from the round's
 local steps with the update masked to them. It uploads only the selected rank slices of the update and
 their indices (int32). The server adds B <- B + sum_k w_k (dB_k * M_k), w_k = n_k / n, unrenormalised.
 
+Download: the factor the server updated last round (and the head); a client that skipped that round
+gets both factors. Each client keeps the frozen factor of its round, which is the global one.
+
 Heterogeneous budgets: ``client_ranks`` are then per-client budgets (ranks per module on average);
 every client's adapter has the global ``rank``.
 """
@@ -48,6 +51,17 @@ class LoRAA2(Strategy):
 
     def budget(self, cid: int) -> float:
         return float(self.config.client_ranks[cid]) if self.config.client_ranks else self.config.lora_a2_budget
+
+    def download(self, state: GlobalState, client, round_index: int):
+        everything = super().download(state, client, round_index)
+        if round_index > 0 and client.info.get("last_round") == round_index - 1 and client.tensors:
+            updated = self.factor(round_index - 1)  # the client still holds the other factor
+            return {n: t for n, t in everything.items() if factor_kind(n) in (updated, "head")}
+        return everything
+
+    def keep(self, model, client, round_index: int):
+        frozen = "lora_A" if self.factor(round_index) == "lora_B" else "lora_B"
+        return {n: p.detach().clone() for n, p in adapters.adapter_parameters(model).items() if factor_kind(n) == frozen}
 
     def local_update(self, trainer, model, client, round_index: int) -> float:
         factor = self.factor(round_index)
