@@ -284,25 +284,7 @@ def case_dp_clip_noise(ctx: Context, case: Case, ops, reference) -> BenchResult:
     }
     setups = {}
     if ctx.opacus:
-        from opacus.optimizers import DPOptimizer
-
-        params = [torch.nn.Parameter(torch.zeros(s, device=ctx.device)) for s in shapes]
-        opt = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
-                          expected_batch_size=batch)
-
-        def reset_opacus():  # untimed: what the previous step accumulated or flagged
-            for param, g in zip(params, grads):
-                param.summed_grad = None
-                param.grad = None
-                if hasattr(g, "_processed"):
-                    del g._processed
-                param.grad_sample = g
-
-        def opacus_step():
-            opt.clip_and_accumulate()
-            opt.add_noise()
-            opt.scale_grad()
-
+        opacus_step, reset_opacus = harness.opacus_dp_step(grads, batch)
         fns["opacus DPOptimizer"] = opacus_step
         setups["opacus DPOptimizer"] = reset_opacus
     err = _max_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))

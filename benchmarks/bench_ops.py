@@ -190,8 +190,6 @@ def build_per_sample(p: Mapping[str, Any]) -> dict:
 
 
 def run_dp_clip_noise(case: Case, st: dict, threads: int, ctx: Context) -> BenchResult:
-    from opacus.optimizers import DPOptimizer
-
     grads, batch = st["grads"], case.params["batch"]
     g_bytes = sum(g.numel() for g in grads) * F32
     cfg = _config(case, threads, ctx, main_bytes=g_bytes, bytes_moved=2 * g_bytes + g_bytes // batch)
@@ -199,23 +197,7 @@ def run_dp_clip_noise(case: Case, st: dict, threads: int, ctx: Context) -> Bench
     err = _max_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))
 
     # opacus 1.6 DPOptimizer on the same per-sample grads: exactly the three step pieces are timed.
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in st["shapes"]]
-    opt = DPOptimizer(
-        torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch
-    )
-
-    def reset_opacus():  # untimed: what the previous run accumulated or flagged
-        for p, g in zip(params, grads):
-            p.summed_grad = None
-            p.grad = None
-            if hasattr(g, "_processed"):
-                del g._processed
-            p.grad_sample = g
-
-    def opacus_step():
-        opt.clip_and_accumulate()
-        opt.add_noise()
-        opt.scale_grad()
+    opacus_step, reset_opacus = harness.opacus_dp_step(grads, batch)
 
     fns = {
         "fused": lambda: ops.dp_clip_noise(*args),
@@ -228,10 +210,7 @@ def run_dp_clip_noise(case: Case, st: dict, threads: int, ctx: Context) -> Bench
         ctx, cfg, _drop_none(fns), setups={"opacus DPOptimizer": reset_opacus}, floor_reads=2,
         extra={"max_abs_err_vs_twin": err, "per_sample_MiB": g_bytes / 2**20}, note=note,
     )
-    reset_opacus()
-    for p in params:
-        p.grad_sample = None
-    return _with_skipped(result, fns)
+    return _with_skipped(result, fns)  # the opacus parameters go with the closures
 
 
 def run_per_sample_norms(case: Case, st: dict, threads: int, ctx: Context) -> BenchResult:

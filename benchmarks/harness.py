@@ -123,6 +123,35 @@ class BenchResult:
     samples_ms: Mapping[str, list[float]] = field(default_factory=dict)
 
 
+def opacus_dp_step(grads: list[torch.Tensor], batch: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """opacus 1.6 ``DPOptimizer`` over parameters shaped like ``grads[j].shape[1:]``, on their device.
+
+    Returns ``(step, reset)``: ``step`` runs exactly ``clip_and_accumulate(); add_noise(); scale_grad()``
+    (flat clipping, mean reduction, noise multiplier 1, max norm 1, expected batch size ``batch``);
+    ``reset`` (untimed) clears what the previous step accumulated and re-attaches the per-sample grads.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    params = [torch.nn.Parameter(torch.zeros(g.shape[1:], device=g.device)) for g in grads]
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=batch)
+
+    def reset() -> None:
+        for param, g in zip(params, grads):
+            param.summed_grad = None
+            param.grad = None
+            if hasattr(g, "_processed"):
+                del g._processed
+            param.grad_sample = g
+
+    def step() -> None:
+        optimizer.clip_and_accumulate()
+        optimizer.add_noise()
+        optimizer.scale_grad()
+
+    return step, reset
+
+
 def make_result(
     config: BenchConfig,
     *,
