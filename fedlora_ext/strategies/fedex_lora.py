@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedlora_ext.strategies.base import (
-    ClientState, GlobalState, average_tensors, factor_kind, fedavg_weights, register,
+    GlobalState, average_tensors, factor_kind, fedavg_weights, register,
 )
 from fedlora_ext.strategies.merging import MergingStrategy
 
@@ -21,13 +21,6 @@ from fedlora_ext.strategies.merging import MergingStrategy
 class FedExLoRA(MergingStrategy):
     name = "fedex_lora"
     heterogeneous_ranks = False
-
-    def download(self, state: GlobalState, client: ClientState, round_index: int):
-        return {**self.missed_stacks(state, client), **{n: t.clone() for n, t in state.tensors.items()}}
-
-    def prepare(self, model, client, payload, round_index) -> None:
-        tensors = {n: t for n, t in payload.items() if not n.startswith("round")}
-        super().prepare(model, client, tensors, round_index)
 
     def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
         p = fedavg_weights(replies)

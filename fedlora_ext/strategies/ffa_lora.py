@@ -19,8 +19,8 @@ class FFALoRA(Strategy):
         return {n: t.clone() for n, t in state.tensors.items() if factor_kind(n) != "lora_A"}
 
     def prepare(self, model, client, payload, round_index) -> None:
-        shared_a = {n: t for n, t in self._state_a.items()}  # derived from the shared seed on the client
-        super().prepare(model, client, {**shared_a, **payload}, round_index)
+        # the shared A: every client derives it from the run's shared seed (kept once here)
+        super().prepare(model, client, {**self._state_a, **payload}, round_index)
 
     def init_state(self, model) -> GlobalState:
         state = super().init_state(model)

@@ -9,7 +9,7 @@ download is the stacks of every merge the client missed: (sum_k r_k)(m + n) per 
 from __future__ import annotations
 
 from fedlora_ext.strategies.base import (
-    ClientState, GlobalState, average_tensors, factor_kind, fedavg_weights, register,
+    GlobalState, average_tensors, factor_kind, fedavg_weights, register,
 )
 from fedlora_ext.strategies.merging import MergingStrategy
 
@@ -22,15 +22,6 @@ class FLoRA(MergingStrategy):
         state = super().init_state(model)
         state.tensors = {n: t for n, t in state.tensors.items() if factor_kind(n) == "head"}
         return state
-
-    def download(self, state: GlobalState, client: ClientState, round_index: int):
-        # The base of the client's model is the merged one (the simulator checks it out from the server
-        # state); the stacks are what the client would download to merge it itself.
-        return {**self.missed_stacks(state, client), **{n: t.clone() for n, t in state.tensors.items()}}
-
-    def prepare(self, model, client, payload, round_index) -> None:
-        heads = {n: t for n, t in payload.items() if factor_kind(n) == "head"}
-        super().prepare(model, client, heads, round_index)  # adapters stay freshly initialised
 
     def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
         p = fedavg_weights(replies)

@@ -15,8 +15,20 @@ from fedlora_ext.federated import adapters
 from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy
 
 
+_STACK_PREFIX = "round"  # download names of the stacks: "round<r>.<module>.B_stacked"
+
+
 class MergingStrategy(Strategy):
-    """Base-merging bookkeeping shared by FLoRA and FedEx-LoRA."""
+    """Base-merging bookkeeping shared by FLoRA and FedEx-LoRA: the client downloads the global tensors
+    and the stacks it missed; in the simulator its base is already the merged one (the server's), so
+    prepare loads only the global tensors."""
+
+    def download(self, state: GlobalState, client: ClientState, round_index: int) -> dict[str, Tensor]:
+        return {**self.missed_stacks(state, client), **{n: t.clone() for n, t in state.tensors.items()}}
+
+    def prepare(self, model, client, payload, round_index) -> None:
+        tensors = {n: t for n, t in payload.items() if not n.startswith(_STACK_PREFIX)}
+        super().prepare(model, client, tensors, round_index)
 
     def init_state(self, model) -> GlobalState:
         state = super().init_state(model)
@@ -39,7 +51,7 @@ class MergingStrategy(Strategy):
         """The stacked factors of every merge since the client last took part (what it must download)."""
         # A client that trained in round L had every merge before L; it needs those of rounds >= L.
         since = client.info.get("last_round", 0)
-        return {f"round{r}.{n}": t for r, stack in sorted(state.info["stacks"].items()) if r >= since
+        return {f"{_STACK_PREFIX}{r}.{n}": t for r, stack in sorted(state.info["stacks"].items()) if r >= since
                 for n, t in stack.items()}
 
     def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
