@@ -37,6 +37,10 @@ def _simulate(args: argparse.Namespace) -> int:
         print(json.dumps(shown))
     print(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
           + (f"; run folder {result.out_dir}" if result.out_dir else ""))
+    if result.privacy:
+        from fedlora_ext.federated.privacy import format_report
+
+        print(format_report(result.privacy))
     return 0
 
 

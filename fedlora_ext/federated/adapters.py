@@ -10,8 +10,9 @@ module path inside the base model, e.g. ``bert.encoder.layer.0.attention.self.qu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +98,9 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, task_type: str, rank: in
         config = LoraConfig(r=r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
                             use_rslora=spec.rslora, lora_dropout=spec.dropout, task_type=task_type,
                             fan_in_fan_out=fan_in_fan_out)
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -208,22 +211,13 @@ def merge_stacked_(W: Tensor, Bs: list[Tensor], As: list[Tensor], weights: Tenso
         ops.stacked_delta_(W, Bs, As, weights.to(torch.float32), 1.0, transpose=fan_in_fan_out)
 
 
-@dataclass
-class RankMask:
-    """Per-module boolean rank masks ``[r]`` applied to the gradients of A rows and B columns."""
-
-    masks: dict[str, Tensor] = field(default_factory=dict)
-
-    def install(self, model: nn.Module) -> list:
-        """Registers gradient hooks that zero the unselected ranks; returns the handles to remove."""
-        handles = []
-        for name, layer in adapter_layers(model).items():
-            if name not in self.masks:
-                continue
-            keep = self.masks[name].to(torch.float32)
-            params = _layer_params(layer)
-            if "lora_A" in params and params["lora_A"].requires_grad:
-                handles.append(params["lora_A"].register_hook(lambda g, k=keep: g * k.to(g.dtype)[:, None]))
-            if "lora_B" in params and params["lora_B"].requires_grad:
-                handles.append(params["lora_B"].register_hook(lambda g, k=keep: g * k.to(g.dtype)[None, :]))
-        return handles
+def rank_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Gradient masks by parameter name from boolean rank masks ``[r]`` by module: an A factor's
+    unselected rows and a B factor's unselected columns are 0 (LoRA-A2's rank selection)."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        if name in masks:
+            keep = masks[name].to(torch.float32)
+            out[f"{name}.lora_A"] = keep[:, None]
+            out[f"{name}.lora_B"] = keep[None, :]
+    return out

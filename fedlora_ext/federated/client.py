@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedlora_ext.dp.per_sample import PerSampleGradients
+from fedlora_ext.dp.sgd import ClientPrivacy, noisy_gradients_, summed_loss
 from fedlora_ext.federated import adapters
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
@@ -70,12 +72,19 @@ class ModelBench:
 
 
 class LocalTrainer:
-    """Local steps on one client's data: seeded mini-batches, AdamW or SGD, optional FedProx term."""
+    """Local steps on one client's data: AdamW or SGD, an optional FedProx term and gradient masks.
 
-    def __init__(self, config: FedConfig, data, seed: int) -> None:
+    Without ``privacy`` it takes seeded mini-batches (without replacement within a pass) and the model's
+    own loss. With ``privacy`` every step is DP-SGD: a Poisson sample at rate q, the sum of per-sample
+    losses, per-sample gradients from hooks, one fused ``dp_clip_noise`` with a fresh offset of the
+    client's secret stream, and one accountant step (empty samples included).
+    """
+
+    def __init__(self, config: FedConfig, data, seed: int, privacy: ClientPrivacy | None = None) -> None:
         self.config = config
         self.data = data
         self.seed = seed
+        self.privacy = privacy
 
     def batches(self, steps: int):
         """``steps`` mini-batches sampled without replacement within each pass, seeded."""
@@ -88,9 +97,15 @@ class LocalTrainer:
             chosen, order = order[:size], order[size:]
             yield self.data[chosen]
 
-    def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None) -> float:
-        """Runs the local steps (default ``local_steps``); returns the mean loss. The FedProx term pulls
-        towards the values the trainable parameters had when this call started (the global model)."""
+    def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None,
+              masks: Mapping[str, Tensor] | None = None) -> float:
+        """Runs the local steps (default ``local_steps``); returns the mean loss per sample.
+
+        ``penalty`` is a data-independent term (HetLoRA's); with the FedProx term, which pulls towards
+        the values the trainable parameters had when this call started (the global model), it is added
+        to the gradient after the DP step: post-processing, so it costs no privacy. ``masks`` (by
+        parameter name, broadcastable) zero gradient coordinates that must not train.
+        """
         params = adapters.trainable_parameters(model)
         if not params:
             raise ValueError("LocalTrainer: the model has no trainable adapter parameters")
@@ -98,21 +113,62 @@ class LocalTrainer:
             optimizer = torch.optim.SGD(params.values(), lr=self.config.lr)
         else:
             optimizer = torch.optim.AdamW(params.values(), lr=self.config.lr, weight_decay=0.0)
-        mu = self.config.fedprox_mu
-        reference = {n: p.detach().clone() for n, p in params.items()}
+        regulariser = self._regulariser(params, penalty)
+        steps = steps or self.config.local_steps
+        if self.privacy is not None:
+            return self._private_steps(model, params, optimizer, regulariser, masks or {}, steps)
         losses = []
-        for batch in self.batches(steps or self.config.local_steps):
+        for batch in self.batches(steps):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
-            if penalty is not None:
-                loss = loss + penalty()
-            if mu > 0:  # FedProx (arXiv 1812.06127): (mu / 2) ||w - w_global||^2
-                loss = loss + 0.5 * mu * sum(((p - reference[n]) ** 2).sum() for n, p in params.items())
+            total = loss if regulariser is None else loss + regulariser()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
+            for name, mask in (masks or {}).items():
+                if params.get(name) is not None and params[name].grad is not None:
+                    params[name].grad.mul_(mask.to(params[name].grad.dtype))
             optimizer.step()
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
+
+    def _regulariser(self, params: dict[str, nn.Parameter], penalty) -> Callable[[], Tensor] | None:
+        mu = self.config.fedprox_mu
+        if mu == 0:
+            return penalty
+        reference = {n: p.detach().clone() for n, p in params.items()}
+
+        def regulariser() -> Tensor:  # FedProx (arXiv 1812.06127): (mu / 2) ||w - w_global||^2
+            prox = 0.5 * mu * sum(((p - reference[n]) ** 2).sum() for n, p in params.items())
+            return prox if penalty is None else prox + penalty()
+
+        return regulariser
+
+    def _private_steps(self, model, params, optimizer, regulariser, masks, steps: int) -> float:
+        privacy = self.privacy
+        names, tensors = list(params), list(params.values())
+        mask_list = [masks.get(n) for n in names]
+        n, rate = len(self.data), privacy.account.sample_rate
+        losses, counts = [], []
+        with PerSampleGradients(model, tensors) as collector:
+            for _ in range(steps):
+                offset = privacy.noise.next_offset()
+                chosen = privacy.noise.poisson_sample(n, rate, offset)
+                collector.clear()
+                optimizer.zero_grad(set_to_none=True)
+                if len(chosen):
+                    loss = summed_loss(model, self.data[chosen.tolist()])
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    counts.append(len(chosen))
+                noisy_gradients_(tensors, collector.grad_samples, len(chosen), privacy, rate * n, offset, mask_list)
+                if regulariser is not None:
+                    extra = torch.autograd.grad(regulariser(), tensors, allow_unused=True)
+                    for p, g in zip(tensors, extra):
+                        if g is not None:
+                            p.grad.add_(g)
+                optimizer.step()
+                privacy.account.step()
+        return sum(losses) / max(sum(counts), 1) if counts else float("nan")
 
 
 def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, client: ClientState,
@@ -122,9 +178,12 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     model = bench.checkout(client.rank, state, seed)
     strategy.prepare(model, client, payload, round_index)
     start = adapters.read_tensors(model)
-    trainer = LocalTrainer(strategy.config, data, seed)
+    trainer = LocalTrainer(strategy.config, data, seed, client.privacy)
     loss = strategy.local_update(trainer, model, client, round_index)
     upload = strategy.upload(model, client, start, round_index)
     client.tensors = {n: t.detach().clone() for n, t in strategy.keep(model, client, round_index).items()}
     client.info["last_round"] = round_index
-    return Reply(cid=client.cid, num_examples=client.num_examples, tensors=upload, metrics={"loss": loss})
+    metrics = {"loss": loss}
+    if client.privacy is not None:  # the spend so far: a number the client may share, unlike its key
+        metrics["epsilon"] = client.info["epsilon"] = client.privacy.account.epsilon()
+    return Reply(cid=client.cid, num_examples=client.num_examples, tensors=upload, metrics=metrics)

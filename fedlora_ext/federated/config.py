@@ -37,6 +37,18 @@ class FedConfig:
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
     Data: dataset (``"synthetic"``, or a name/path ``datasets`` can load), num_examples, seq_len,
         test_fraction (per client, for personalised evaluation).
+    Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
+        dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
+            for the most local steps a client can take (every round).
+        dp_delta: per client; default ``1 / n_k^1.1``, and it must be < ``1 / n_k``.
+        dp_noise_multiplier: sigma directly, instead of ``dp_epsilon`` (0 turns the noise off).
+        dp_max_grad_norm: the per-sample clipping bound C. dp_accountant: ``"rdp"`` or ``"prv"`` (opacus).
+        dp_noise_seed: unset (the default) draws each client's noise key from the OS CSPRNG; a value
+            makes runs reproducible for experiments and tests, and is then no secret.
+    Client-level DP at the server, DP-FedAvg (on when ``server_dp_epsilon`` or ``server_dp_noise_multiplier``
+        is set): each update is clipped to ``server_dp_clip``, clients are Poisson-sampled with rate
+        ``participation`` and weighted uniformly, and the sum gets ``N(0, (sigma clip)^2)`` before dividing
+        by the expected number of clients. ``server_dp_delta`` defaults to ``1 / num_clients^1.1``.
     """
 
     method: str = "fedit"
@@ -65,6 +77,17 @@ class FedConfig:
     seq_len: int = 16
     num_labels: int = 4
     test_fraction: float = 0.2
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_noise_seed: int | None = None
+    server_dp_epsilon: float | None = None
+    server_dp_delta: float | None = None
+    server_dp_noise_multiplier: float | None = None
+    server_dp_clip: float = 1.0
+    server_dp_accountant: str = "rdp"
     seed: int = 0
     out_dir: str | None = None
 
@@ -107,6 +130,31 @@ class FedConfig:
                 )
             if min(self.client_ranks) < 1:
                 raise ValueError(f"FedConfig: client_ranks must all be >= 1, got {list(self.client_ranks)}")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        from fedlora_ext.dp.accountant import check_privacy_arguments
+
+        for prefix in ("dp", "server_dp"):
+            epsilon, sigma = getattr(self, f"{prefix}_epsilon"), getattr(self, f"{prefix}_noise_multiplier")
+            check_privacy_arguments(who=f"FedConfig.{prefix}_*", epsilon=epsilon, delta=getattr(self, f"{prefix}_delta"),
+                                    noise_multiplier=sigma, accountant=getattr(self, f"{prefix}_accountant"),
+                                    max_norm=self.dp_max_grad_norm if prefix == "dp" else self.server_dp_clip)
+            if epsilon is not None and sigma is not None:
+                raise ValueError(f"FedConfig: set {prefix}_epsilon ({epsilon}) or {prefix}_noise_multiplier ({sigma}), "
+                                 "not both")
+        if self.dp_noise_seed is not None and not (isinstance(self.dp_noise_seed, int) and 0 <= self.dp_noise_seed < 2**63):
+            raise ValueError(f"FedConfig: dp_noise_seed must be an int in [0, 2^63) or unset, got {self.dp_noise_seed!r}")
+
+    @property
+    def sample_dp(self) -> bool:
+        """Whether clients train with DP-SGD."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+    @property
+    def server_dp(self) -> bool:
+        """Whether the server aggregates with client-level DP (DP-FedAvg)."""
+        return self.server_dp_epsilon is not None or self.server_dp_noise_multiplier is not None
 
     def ranks(self) -> tuple[int, ...]:
         """The rank of every client."""

@@ -6,6 +6,8 @@ can do the same with replies decoded from ArrayRecords. The method's math is the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from torch import Tensor
 
@@ -13,18 +15,25 @@ from fedlora_ext.federated.client import derive_seed
 from fedlora_ext.federated.comm import CommLedger, payload_bytes
 from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
 
+if TYPE_CHECKING:
+    from fedlora_ext.federated.privacy import ServerPrivacy
+
 
 class Server:
     """Holds the global state between rounds and accounts every byte sent and received."""
 
-    def __init__(self, strategy: Strategy, state: GlobalState, seed: int) -> None:
+    def __init__(self, strategy: Strategy, state: GlobalState, seed: int, privacy: ServerPrivacy | None = None) -> None:
         self.strategy = strategy
         self.state = state
         self.seed = seed
         self.ledger = CommLedger()
+        self.privacy = privacy
 
     def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
-        """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one)."""
+        """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one);
+        under DP-FedAvg a Poisson sample (possibly empty) from the server's secret generator."""
+        if self.privacy is not None:
+            return self.privacy.sample(round_index, clients)
         k = max(1, int(round(self.strategy.config.participation * len(clients))))
         rng = np.random.default_rng(derive_seed(self.seed, "sample", round_index))
         return [clients[i] for i in np.sort(rng.choice(len(clients), size=k, replace=False))]
@@ -43,7 +52,10 @@ class Server:
         self.ledger.record("up", reply.cid, payload_bytes(reply.tensors))
 
     def aggregate(self, replies: list[Reply], round_index: int, clients: list[ClientState]) -> GlobalState:
-        """Merges the round's replies into the next global state."""
-        self.state = self.strategy.aggregate(self.state, replies, round_index)
+        """Merges the round's replies into the next global state (DP-FedAvg's noisy mean when private)."""
+        if self.privacy is not None:
+            self.state = self.privacy.aggregate(self.state, replies)
+        else:
+            self.state = self.strategy.aggregate(self.state, replies, round_index)
         self.strategy.end_round(self.state, clients)
         return self.state

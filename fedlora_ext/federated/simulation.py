@@ -1,8 +1,8 @@
 """The in-process simulator: every client of a federated run on one machine, round by round.
 
 ``simulate(config)`` builds the model, the data and its partition, runs the rounds with the configured
-strategy, evaluates, accounts bytes, and writes ``metrics.jsonl``, ``config.json`` and the final global
-adapter (``adapter.safetensors``) to ``config.out_dir`` when set.
+strategy, evaluates, accounts bytes and privacy, and writes ``metrics.jsonl``, ``config.json``, the final
+global adapter (``adapter.safetensors``) and, for a private run, ``privacy.json`` to ``config.out_dir``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from fedlora_ext.data import build_model, synthetic_dataset
+from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.federated import adapters
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
+from fedlora_ext.federated.privacy import ServerPrivacy, client_privacy, privacy_report
 from fedlora_ext.federated.server import Server
 # From the base module, not the package: ``import fedlora_ext.strategies`` imports the strategies, which
 # import ``fedlora_ext.federated`` (adapters) and so this module while the package is half initialised.
@@ -30,7 +32,8 @@ from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, make
 
 @dataclass
 class SimulationResult:
-    """What a run leaves behind: metrics per round, the final server state and every client's state."""
+    """What a run leaves behind: metrics per round, the final server state, every client's state and
+    the privacy report (:func:`fedlora_ext.federated.privacy.privacy_report`; empty without DP)."""
 
     history: list[dict]
     state: GlobalState
@@ -38,6 +41,7 @@ class SimulationResult:
     ledger: CommLedger
     out_dir: Path | None = None
     strategy: Strategy | None = field(default=None, repr=False)
+    privacy: dict = field(default_factory=dict)
 
 
 class Simulation:
@@ -55,7 +59,10 @@ class Simulation:
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
-        self.server = Server(self.strategy, self.strategy.init_state(init), seed)
+        if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
+            self._check_private_model(init)
+        server_privacy = ServerPrivacy(config, len(self.clients)) if config.server_dp else None
+        self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy)
         self.history: list[dict] = []
 
     @property
@@ -85,9 +92,21 @@ class Simulation:
         clients, data = [], []
         for cid, shard in enumerate(shards):
             train_idx, test_idx = split_train_test(shard, config.test_fraction, derive_seed(config.seed, "split", cid))
-            clients.append(ClientState(cid=cid, rank=self.strategy.client_rank(ranks[cid]), num_examples=len(train_idx)))
+            client = ClientState(cid=cid, rank=self.strategy.client_rank(ranks[cid]), num_examples=len(train_idx))
+            if config.sample_dp:
+                client.privacy = client_privacy(config, self.strategy, cid, len(train_idx))
+            clients.append(client)
             data.append((self.train_data.select(train_idx.tolist()), self.train_data.select(test_idx.tolist())))
         return clients, data
+
+    def _check_private_model(self, model) -> None:
+        trainable = self.strategy.trainable(0)
+        adapters.set_trainable(model, **trainable)
+        params = adapters.trainable_parameters(model)
+        if not params:
+            raise ValueError(f"DP-SGD: method {self.config.method!r} leaves no trainable adapter parameter "
+                             f"({trainable}); nothing to train privately")
+        PerSampleGradients(model, params.values())  # raises for parameters it cannot differentiate per sample
 
     def participants(self, round_index: int) -> list[ClientState]:
         """The clients sampled for a round (seeded; at least one)."""
@@ -106,18 +125,34 @@ class Simulation:
             replies.append(reply)
             if progress is not None:
                 progress.update(1)
-        self.server.aggregate(replies, round_index, self.clients)
+        if replies or self.server.privacy is not None:  # DP-FedAvg noises even an empty round
+            self.server.aggregate(replies, round_index, self.clients)
+        losses = [r.metrics["loss"] for r in replies if np.isfinite(r.metrics["loss"])]
         metrics = {
             "round": round_index + 1,
             "clients": [r.cid for r in replies],
-            "train_loss": float(np.mean([r.metrics["loss"] for r in replies])),
+            "train_loss": float(np.mean(losses)) if losses else None,
             "bytes_up": self.ledger.round_total("up"),
             "bytes_down": self.ledger.round_total("down"),
         }
+        metrics.update(self.privacy_metrics(replies))
         metrics.update(self.evaluate(round_index))
         metrics["seconds"] = time.perf_counter() - started
         self.history.append(metrics)
         return metrics
+
+    def privacy_metrics(self, replies) -> dict:
+        """Epsilon spent so far by each client of the round, the maximum over all clients, the server's."""
+        out = {}
+        if self.config.sample_dp:
+            out["epsilon"] = {str(r.cid): r.metrics["epsilon"] for r in replies}
+            out["epsilon_max"] = max(c.info.get("epsilon", 0.0) for c in self.clients)
+        if self.server.privacy is not None:
+            out["server_epsilon"] = self.server.privacy.account.epsilon()
+        return out
+
+    def privacy_report(self) -> dict:
+        return privacy_report(self.clients, self.server.privacy)
 
     def global_model(self):
         """The server's model: global tensors (and merged base) at the global rank."""
@@ -163,9 +198,12 @@ class Simulation:
         finally:
             if out_dir is not None:
                 metrics_file.close()
+        privacy = self.privacy_report()
         if out_dir is not None:
             self.save_adapter(out_dir / "adapter.safetensors")
-        return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy)
+            if privacy:
+                (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
+        return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy, privacy)
 
     def save_adapter(self, path: Path) -> None:
         """The final global adapter (and the merged base deltas, for FLoRA / FedEx-LoRA) as safetensors."""

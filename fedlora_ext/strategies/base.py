@@ -51,6 +51,8 @@ class ClientState:
         num_examples: local training examples (FedAvg weight n_k).
         tensors: persistent local tensors (FedSA's B, a personalised head, standalone models).
         info: scalars such as HetLoRA's last tail norm or the last round it took part in.
+        privacy: its DP-SGD state (``fedlora_ext.dp.ClientPrivacy``: account, secret noise stream) when
+            the run is private; it never leaves the client.
     """
 
     cid: int
@@ -58,6 +60,7 @@ class ClientState:
     num_examples: int
     tensors: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    privacy: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Strategy:
     personalised: ClassVar[bool] = False
     #: whether the server's global model is meaningful to evaluate
     global_model: ClassVar[bool] = True
+    #: whether the server update is an average of uploaded tensors, so DP-FedAvg can replace it
+    averages_updates: ClassVar[bool] = False
     #: adapter kinds the method supports
     adapter_kinds: ClassVar[tuple[str, ...]] = ("lora",)
 
@@ -135,6 +140,12 @@ class Strategy:
             )
         if config.adapter not in self.adapter_kinds:
             raise ValueError(f"method {self.name!r} supports adapters {self.adapter_kinds}, got {config.adapter!r}")
+        if config.server_dp and not (self.averages_updates and not config.heterogeneous):
+            raise ValueError(
+                f"server DP (DP-FedAvg) needs a method that averages one set of same-shaped uploads (fedit, fedprox, "
+                f"ffa_lora, fedsa_lora and variants) at one rank; got method {self.name!r}"
+                + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
+            )
 
     def scaling(self, rank: int | None = None) -> float:
         """The LoRA scale s = alpha / r (rsLoRA alpha / sqrt(r)) at ``rank`` (default: the config's)."""
@@ -190,6 +201,10 @@ class Strategy:
     def penalty(self, model: nn.Module, client: ClientState) -> Callable[[], Tensor] | None:
         """An extra term of the local loss (HetLoRA's rank self-pruning), or None."""
         return None
+
+    def local_steps_per_round(self, num_examples: int) -> int:
+        """The most optimizer steps a client with ``num_examples`` takes in one round (privacy budget)."""
+        return self.config.local_steps
 
     def local_update(self, trainer: LocalTrainer, model: nn.Module, client: ClientState, round_index: int) -> float:
         """The local steps; returns the mean training loss."""

@@ -10,3 +10,4 @@ from fedlora_ext.strategies.base import Strategy, register
 @register
 class FedIT(Strategy):
     name = "fedit"
+    averages_updates = True

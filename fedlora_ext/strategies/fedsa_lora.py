@@ -15,6 +15,7 @@ _SHARED = ("lora_A", "vera_d")
 @register
 class FedSALoRA(Strategy):
     name = "fedsa_lora"
+    averages_updates = True
     heterogeneous_ranks = False
     personalised = True
     global_model = False  # the server never sees a B: each client's model is the model

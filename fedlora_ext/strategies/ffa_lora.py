@@ -13,6 +13,7 @@ from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, fact
 @register
 class FFALoRA(Strategy):
     name = "ffa_lora"
+    averages_updates = True
     heterogeneous_ranks = False
 
     def download(self, state: GlobalState, client: ClientState, round_index: int):

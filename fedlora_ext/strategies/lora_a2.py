@@ -63,19 +63,20 @@ class LoRAA2(Strategy):
         frozen = "lora_A" if self.factor(round_index) == "lora_B" else "lora_B"
         return {n: p.detach().clone() for n, p in adapters.adapter_parameters(model).items() if factor_kind(n) == frozen}
 
+    def scoring_steps(self, num_examples: int) -> int:
+        """Steps of the scoring epoch: one pass over the local data, at most ``local_steps``."""
+        return max(1, min(self.config.local_steps, math.ceil(num_examples / self.config.batch_size)))
+
+    def local_steps_per_round(self, num_examples: int) -> int:
+        return self.scoring_steps(num_examples) + self.config.local_steps  # the scoring epoch sees data too
+
     def local_update(self, trainer, model, client, round_index: int) -> float:
         factor = self.factor(round_index)
         start = {n: p.detach().clone() for n, p in adapters.trainable_parameters(model).items()}
-        epoch = max(1, min(self.config.local_steps, math.ceil(client.num_examples / self.config.batch_size)))
-        trainer.train(model, steps=epoch)  # the scoring epoch
+        trainer.train(model, steps=self.scoring_steps(client.num_examples))  # the scoring epoch
         masks = self.select_ranks(model, start, factor, self.budget(client.cid))
         adapters.write_tensors(model, start)  # restart the round from where it began, now masked
-        handles = adapters.RankMask(masks).install(model)
-        try:
-            loss = trainer.train(model)
-        finally:
-            for handle in handles:
-                handle.remove()
+        loss = trainer.train(model, masks=adapters.rank_masks(model, masks))
         client.info["a2_masks"] = masks
         return loss
 

@@ -1,0 +1,122 @@
+"""Privacy in a federated run: each client's DP-SGD state, the server's DP-FedAvg, and the report.
+
+Sample-level DP (every client): sigma is calibrated per client before training, for the most local
+steps it could take over the whole run (``rounds * local_steps_per_round``) at q = batch / n_k, so the
+target epsilon holds even if it is sampled every round; a client sampled less spends less.
+
+Client-level DP at the server (DP-FedAvg, McMahan et al. 2018, arXiv 1710.06963): each client is in
+a round with probability q = ``participation`` (Poisson), its update is clipped to ``server_dp_clip``,
+the clipped updates are summed with Gaussian noise and divided by the expected number of clients
+q N: the same ``dp_clip_noise`` op with one "sample" per client. A round with no client still adds
+the noise, as the analysis assumes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fedlora_ext import ops
+from fedlora_ext.dp.accountant import PrivacyAccount
+from fedlora_ext.dp.sgd import ClientPrivacy, NoiseStream
+from fedlora_ext.federated.client import derive_seed
+from fedlora_ext.federated.config import FedConfig
+from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+
+
+def _noise_stream(config: FedConfig, *labels) -> NoiseStream:
+    if config.dp_noise_seed is None:
+        return NoiseStream.fresh()
+    return NoiseStream(derive_seed(config.dp_noise_seed, "noise", *labels))
+
+
+def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> ClientPrivacy:
+    """A client's DP-SGD state: account calibrated to ``dp_epsilon`` (or ``dp_noise_multiplier``), key."""
+    rate = min(1.0, config.batch_size / max(num_examples, 1))
+    account = PrivacyAccount.calibrate(
+        who=f"client {cid} (n = {num_examples})", population=num_examples, sample_rate=rate,
+        max_steps=config.rounds * strategy.local_steps_per_round(num_examples), accountant=config.dp_accountant,
+        target_epsilon=config.dp_epsilon, delta=config.dp_delta, noise_multiplier=config.dp_noise_multiplier)
+    return ClientPrivacy(account=account, noise=_noise_stream(config, "client", cid), max_grad_norm=config.dp_max_grad_norm)
+
+
+class ServerPrivacy:
+    """DP-FedAvg at the server: Poisson client sampling, clipped updates, noised uniform average."""
+
+    def __init__(self, config: FedConfig, num_clients: int) -> None:
+        self.config = config
+        self.num_clients = num_clients
+        self.account = PrivacyAccount.calibrate(
+            who=f"server DP-FedAvg (N = {num_clients} clients)", population=num_clients,
+            sample_rate=config.participation, max_steps=config.rounds, accountant=config.server_dp_accountant,
+            target_epsilon=config.server_dp_epsilon, delta=config.server_dp_delta,
+            noise_multiplier=config.server_dp_noise_multiplier)
+        self.noise = _noise_stream(config, "server")
+        self._names: list[str] | None = None  # what clients upload; needed to noise an empty round
+
+    def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
+        """Each client independently with probability ``participation`` (possibly none)."""
+        rng = np.random.default_rng([self.noise.seed, round_index, 0xC1])
+        return [c for c, pick in zip(clients, rng.random(len(clients)) < self.config.participation) if pick]
+
+    def aggregate(self, state: GlobalState, replies: list[Reply]) -> GlobalState:
+        """``w + (sum_k clip(u_k) + N(0, (sigma S)^2)) / (q N)`` for every uploaded tensor w, where
+        ``u_k`` is client k's upload minus the global value it started from."""
+        names = self._uploaded_names(state, replies)
+        per_client = []
+        for name in names:
+            start = state.tensors[name]
+            updates = [reply.tensors[name].to(start.dtype) - start for reply in replies]
+            per_client.append(torch.stack(updates) if updates else start.new_zeros((0, *start.shape)))
+        mean_updates, _ = ops.dp_clip_noise(per_client, self.config.server_dp_clip, self.account.noise_multiplier,
+                                            self.account.sample_rate * self.num_clients, self.noise.seed,
+                                            self.noise.next_offset())
+        self.account.step()
+        updated = {name: state.tensors[name] + update for name, update in zip(names, mean_updates)}
+        return GlobalState(tensors={**state.tensors, **updated}, base=state.base, info=state.info)
+
+    def _uploaded_names(self, state: GlobalState, replies: list[Reply]) -> list[str]:
+        for reply in replies:
+            names = sorted(reply.tensors)
+            if self._names is not None and names != self._names:
+                raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {names[:4]}..., expected the same tensors "
+                                 f"as every other client ({self._names[:4]}...)")
+            for name in names:
+                if name not in state.tensors or reply.tensors[name].shape != state.tensors[name].shape:
+                    got = tuple(reply.tensors[name].shape)
+                    want = tuple(state.tensors[name].shape) if name in state.tensors else "no such global tensor"
+                    raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {name} of shape {got}, expected {want}")
+            self._names = names
+        return self._names if self._names is not None else sorted(state.tensors)
+
+
+def privacy_report(clients: list[ClientState], server: ServerPrivacy | None) -> dict:
+    """epsilon, delta, sigma, q, steps and accountant per client (and for the server), and the maximum."""
+    report: dict = {}
+    per_client = {str(c.cid): c.privacy.account.report() for c in clients if c.privacy is not None}
+    if per_client:
+        report["clients"] = per_client
+        report["epsilon_max"] = max(r["epsilon"] for r in per_client.values())
+    if server is not None:
+        report["server"] = server.account.report()
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The privacy report as a small text table (the end of the CLI output)."""
+    lines = []
+    rows = [(f"client {cid}", r) for cid, r in report.get("clients", {}).items()]
+    if "server" in report:
+        rows.append(("server (client-level)", report["server"]))
+    if not rows:
+        return "privacy: none (no DP configured)"
+    lines.append(f"{'party':<22} {'epsilon':>9} {'delta':>9} {'sigma':>8} {'q':>7} {'steps':>6}  accountant")
+    for who, r in rows:
+        eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3f}"
+        lines.append(f"{who:<22} {eps:>9} {r['delta']:>9.2e} {r['sigma']:>8.4f} {r['q']:>7.4f} {r['steps']:>6}  {r['accountant']}")
+    if "epsilon_max" in report:
+        lines.append(f"sample-level epsilon (max over clients): {report['epsilon_max']:.3f}")
+    return "\n".join(lines)
+
