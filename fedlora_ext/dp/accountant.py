@@ -1,5 +1,6 @@
 """Privacy accounting over every step a party takes, with opacus's RDP and PRV accountants.
 
+RDP is computed by :mod:`fedlora_ext.dp.rdp` (opacus's numbers, vectorised and cached), PRV by opacus.
 A :class:`PrivacyAccount` belongs to one party for the whole run (a client for sample-level DP-SGD,
 the server for client-level DP-FedAvg). It is never reset: every noisy step of every round is
 appended to its history, so epsilon only grows. ``calibrate`` turns a target epsilon into the noise
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+
+from fedlora_ext.dp.rdp import rdp_epsilon, rdp_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -38,20 +41,26 @@ def check_privacy_arguments(*, who: str, epsilon: float | None = None, delta: fl
 
 
 def _opacus_accountant(kind: str):
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import PRVAccountant
 
-    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+    return PRVAccountant()
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (opacus's search, to 0.01 in epsilon) whose epsilon after ``steps``
     steps at ``sample_rate`` is at most ``target_epsilon``."""
+    if accountant == "rdp":
+        return rdp_noise_multiplier(target_epsilon, delta, sample_rate, steps)
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # opacus's "optimal order is the largest alpha" hint
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant))
+        warnings.simplefilter("ignore")
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
+        except ValueError as error:
+            raise ValueError(f"cannot reach epsilon {target_epsilon} at delta {delta:g} in {steps} steps at "
+                             f"q = {sample_rate:g} with the {accountant} accountant: {error}") from None
 
 
 @dataclass
@@ -113,10 +122,12 @@ class PrivacyAccount:
             return 0.0
         if self.noise_multiplier == 0:
             return math.inf
-        accountant = _opacus_accountant(self.accountant)
-        accountant.history = list(self.history)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # opacus's numeric hints (largest alpha; log(0) at q = 1 in PRV)
+            warnings.simplefilter("ignore")
+            if self.accountant == "rdp":
+                return rdp_epsilon(self.history, self.delta)
+            accountant = _opacus_accountant(self.accountant)
+            accountant.history = list(self.history)
             return float(accountant.get_epsilon(delta=self.delta))
 
     def report(self) -> dict[str, float | int | str]:

@@ -45,8 +45,9 @@ def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples
 class ServerPrivacy:
     """DP-FedAvg at the server: Poisson client sampling, clipped updates, noised uniform average."""
 
-    def __init__(self, config: FedConfig, num_clients: int) -> None:
+    def __init__(self, config: FedConfig, strategy: Strategy, num_clients: int) -> None:
         self.config = config
+        self.strategy = strategy
         self.num_clients = num_clients
         self.account = PrivacyAccount.calibrate(
             who=f"server DP-FedAvg (N = {num_clients} clients)", population=num_clients,
@@ -54,17 +55,17 @@ class ServerPrivacy:
             target_epsilon=config.server_dp_epsilon, delta=config.server_dp_delta,
             noise_multiplier=config.server_dp_noise_multiplier)
         self.noise = _noise_stream(config, "server")
-        self._names: list[str] | None = None  # what clients upload; needed to noise an empty round
 
     def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
         """Each client independently with probability ``participation`` (possibly none)."""
         rng = np.random.default_rng([self.noise.seed, round_index, 0xC1])
         return [c for c, pick in zip(clients, rng.random(len(clients)) < self.config.participation) if pick]
 
-    def aggregate(self, state: GlobalState, replies: list[Reply]) -> GlobalState:
+    def aggregate(self, state: GlobalState, replies: list[Reply], round_index: int) -> GlobalState:
         """``w + (sum_k clip(u_k) + N(0, (sigma S)^2)) / (q N)`` for every uploaded tensor w, where
         ``u_k`` is client k's upload minus the global value it started from."""
-        names = self._uploaded_names(state, replies)
+        names = self.strategy.upload_names(state, round_index)  # known without replies: empty rounds too
+        self._check_replies(state, replies, names)
         per_client = []
         for name in names:
             start = state.tensors[name]
@@ -77,19 +78,17 @@ class ServerPrivacy:
         updated = {name: state.tensors[name] + update for name, update in zip(names, mean_updates)}
         return GlobalState(tensors={**state.tensors, **updated}, base=state.base, info=state.info)
 
-    def _uploaded_names(self, state: GlobalState, replies: list[Reply]) -> list[str]:
+    @staticmethod
+    def _check_replies(state: GlobalState, replies: list[Reply], names: list[str]) -> None:
         for reply in replies:
-            names = sorted(reply.tensors)
-            if self._names is not None and names != self._names:
-                raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {names[:4]}..., expected the same tensors "
-                                 f"as every other client ({self._names[:4]}...)")
+            if sorted(reply.tensors) != names:
+                raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {sorted(reply.tensors)[:3]}..., expected "
+                                 f"exactly {names[:3]}... ({len(names)} tensors)")
             for name in names:
-                if name not in state.tensors or reply.tensors[name].shape != state.tensors[name].shape:
-                    got = tuple(reply.tensors[name].shape)
-                    want = tuple(state.tensors[name].shape) if name in state.tensors else "no such global tensor"
-                    raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {name} of shape {got}, expected {want}")
-            self._names = names
-        return self._names if self._names is not None else sorted(state.tensors)
+                got, want = reply.tensors[name].shape, state.tensors[name].shape
+                if got != want:
+                    raise ValueError(f"DP-FedAvg: client {reply.cid} uploaded {name} of shape {tuple(got)}, "
+                                     f"expected {tuple(want)}")
 
 
 def privacy_report(clients: list[ClientState], server: ServerPrivacy | None) -> dict:

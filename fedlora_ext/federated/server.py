@@ -54,7 +54,7 @@ class Server:
     def aggregate(self, replies: list[Reply], round_index: int, clients: list[ClientState]) -> GlobalState:
         """Merges the round's replies into the next global state (DP-FedAvg's noisy mean when private)."""
         if self.privacy is not None:
-            self.state = self.privacy.aggregate(self.state, replies)
+            self.state = self.privacy.aggregate(self.state, replies, round_index)
         else:
             self.state = self.strategy.aggregate(self.state, replies, round_index)
         self.strategy.end_round(self.state, clients)

@@ -61,7 +61,7 @@ class Simulation:
         init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
             self._check_private_model(init)
-        server_privacy = ServerPrivacy(config, len(self.clients)) if config.server_dp else None
+        server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
         self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy)
         self.history: list[dict] = []
 

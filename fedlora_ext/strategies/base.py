@@ -187,6 +187,13 @@ class Strategy:
     def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
         """Bookkeeping after a round, seeing every client's state (nothing by default)."""
 
+    def upload_names(self, state: GlobalState, round_index: int) -> list[str]:
+        """The global tensors a client's upload updates this round (what it trains)."""
+        parts = self.trainable(round_index)
+        kinds = {"lora_A": parts["A"], "vera_d": parts["A"], "lora_B": parts["B"], "vera_b": parts["B"],
+                 "head": parts["head"]}
+        return sorted(n for n in state.tensors if kinds[factor_kind(n)])
+
     # ---- client ----------------------------------------------------------------------------------
     def trainable(self, round_index: int) -> dict[str, bool]:
         """Which parts train this round: A, B (VeRA: d, b) and the head."""
