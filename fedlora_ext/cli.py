@@ -33,7 +33,7 @@ def _simulate(args: argparse.Namespace) -> int:
     config = config.replace(**overrides)
     result = simulate(config, progress=not args.quiet)
     for metrics in result.history:
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items() if k != "clients"}
+        shown = {k: _rounded(v) for k, v in metrics.items() if k != "clients"}
         print(json.dumps(shown))
     print(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
           + (f"; run folder {result.out_dir}" if result.out_dir else ""))
@@ -42,6 +42,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
         print(format_report(result.privacy))
     return 0
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def _presets(_: argparse.Namespace) -> int:
