@@ -19,7 +19,6 @@ of mixed dtypes or devices, or of a dtype outside float32 / bfloat16 / float16.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 
 import torch
@@ -27,6 +26,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
 
 from fedlora_ext import ops
+from fedlora_ext.dp.sgd import NoiseStream
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,8 +49,8 @@ class FusedDPOptimizer(DPOptimizer):
                  **kwargs) -> None:
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, **kwargs)
-        self._noise_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
-        self._noise_offset = 0  # one offset per fused step: a fresh stretch of the stream every time
+        # one offset per fused step: a fresh stretch of the stream every time
+        self._noise = NoiseStream.fresh() if noise_seed is None else NoiseStream(int(noise_seed))
 
     @classmethod
     def from_optimizer(cls, dp_optimizer: DPOptimizer, *, noise_seed: int | None = None) -> FusedDPOptimizer:
@@ -89,8 +89,7 @@ class FusedDPOptimizer(DPOptimizer):
                        if self.loss_reduction == "mean" else 1.0)
         per_sample = [g.to(p.dtype) for g, p in zip(grad_samples, params)]
         grads, _ = ops.dp_clip_noise(per_sample, self.max_grad_norm, self.noise_multiplier, float(denominator),
-                                     self._noise_seed, self._noise_offset)
-        self._noise_offset += 1
+                                     self._noise.seed, self._noise.next_offset())
         for p, grad in zip(params, grads):
             p.grad = grad.view_as(p)
             _mark_as_processed(p.grad_sample)
