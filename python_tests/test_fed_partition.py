@@ -116,3 +116,12 @@ def test_partial_participation_is_seeded_and_samples_the_right_count():
     assert chosen != [[c.cid for c in other.participants(r)] for r in range(8)]
     assert len(Simulation(config.replace(participation=0.01)).participants(0)) == 1  # at least one
     assert len(Simulation(config.replace(participation=1.0)).participants(0)) == 10
+
+
+def test_dirichlet_min_size_is_honoured_and_checked():
+    labels = [i % 5 for i in range(300)]
+    shards = dirichlet_partition(labels, 10, 0.05, seed=1, min_size=20)
+    assert min(len(s) for s in shards) >= 20
+    assert sorted(np.concatenate(shards).tolist()) == list(range(300))  # still a partition
+    with pytest.raises(ValueError, match=r"min_size must be in \[1, 30\]"):
+        dirichlet_partition(labels, 10, 0.5, seed=1, min_size=31)

@@ -11,7 +11,7 @@ VOCAB = 64
 _HIDDEN, _LAYERS, _HEADS, _FFN, _POSITIONS = 32, 2, 2, 64, 128
 
 
-def build_model(name: str, task: str, num_labels: int, seed: int = 0) -> nn.Module:
+def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size: int = VOCAB) -> nn.Module:
     """A model for ``task`` (``"classification"`` or ``"causal_lm"``), deterministic for a seed.
 
     Args:
@@ -19,6 +19,7 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0) -> nn.Modu
         task: the head to put on it.
         num_labels: classes for classification.
         seed: initialisation seed of the tiny models (pretrained folders ignore it).
+        vocab_size: of the tiny models (a real tokenizer's size when they read real text).
     """
     import transformers as tf
 
@@ -26,20 +27,23 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0) -> nn.Modu
     if name not in TINY:
         auto = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
         kwargs = {"num_labels": num_labels} if classification else {}
-        return auto.from_pretrained(name, **kwargs)
+        try:
+            return auto.from_pretrained(name, **kwargs)
+        except OSError as error:  # a missing folder, or a hub id without network
+            raise ValueError(f"model {name!r} could not be loaded: {error}".splitlines()[0]) from None
     if name == "tiny-bert":
-        config = tf.BertConfig(vocab_size=VOCAB, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
+        config = tf.BertConfig(vocab_size=vocab_size, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
                                num_attention_heads=_HEADS, intermediate_size=_FFN,
                                max_position_embeddings=_POSITIONS, num_labels=num_labels,
                                is_decoder=not classification)
         cls = tf.BertForSequenceClassification if classification else tf.BertLMHeadModel
     elif name == "tiny-gpt2":
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS,
+        config = tf.GPT2Config(vocab_size=vocab_size, n_embd=_HIDDEN, n_layer=_LAYERS, n_head=_HEADS,
                                n_positions=_POSITIONS, num_labels=num_labels, pad_token_id=0,
                                bos_token_id=1, eos_token_id=1)
         cls = tf.GPT2ForSequenceClassification if classification else tf.GPT2LMHeadModel
     else:
-        config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=_HIDDEN, intermediate_size=_FFN,
+        config = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=_HIDDEN, intermediate_size=_FFN,
                                 num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, num_key_value_heads=_HEADS,
                                 max_position_embeddings=_POSITIONS, num_labels=num_labels, pad_token_id=0,
                                 bos_token_id=1, eos_token_id=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import numpy as np
 from scipy import special
@@ -86,7 +87,9 @@ def rdp_epsilon(history, delta: float, orders: tuple[float, ...] | None = None) 
         return 0.0
     orders = orders or default_orders()
     total = sum(steps * rdp_per_step(float(q), float(sigma), orders) for sigma, q, steps in history)
-    eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
+    with warnings.catch_warnings():  # opacus's hint that the best order is the largest one
+        warnings.simplefilter("ignore")
+        eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
     return float(eps)
 
 

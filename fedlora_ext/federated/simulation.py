@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedlora_ext.data import build_model, synthetic_dataset
+from fedlora_ext.data.task import build_task
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.federated import adapters
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
@@ -51,11 +52,11 @@ class Simulation:
         self.config = config
         self.strategy = make_strategy(config)
         seed = config.seed
-        self.train_data = train_data if train_data is not None else synthetic_dataset(
-            config.task, config.num_examples, config.seq_len, config.num_labels, seed)
-        self.test_data = test_data if test_data is not None else synthetic_dataset(
-            config.task, max(config.num_examples // 4, 8), config.seq_len, config.num_labels, seed + 1)
-        base = base_model if base_model is not None else build_model(config.model, config.task, config.num_labels, seed)
+        task = build_task(config) if train_data is None or test_data is None or base_model is None else None
+        self.train_data = train_data if train_data is not None else task.train
+        self.test_data = test_data if test_data is not None else task.test
+        base = base_model if base_model is not None else task.model
+        self.label_names = task.label_names if task is not None else []
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
@@ -87,7 +88,8 @@ class Simulation:
         else:
             labels = self.train_data["label"]
             shards = dirichlet_partition(labels.tolist() if hasattr(labels, "tolist") else labels,
-                                         config.num_clients, config.dirichlet_alpha, config.seed)
+                                         config.num_clients, config.dirichlet_alpha, config.seed,
+                                         min_size=config.min_client_examples)
         ranks = config.ranks() if len(shards) == config.num_clients else (max(config.ranks()),)
         clients, data = [], []
         for cid, shard in enumerate(shards):
@@ -125,8 +127,10 @@ class Simulation:
             replies.append(reply)
             if progress is not None:
                 progress.update(1)
+        trained = time.perf_counter()
         if replies or self.server.privacy is not None:  # DP-FedAvg noises even an empty round
             self.server.aggregate(replies, round_index, self.clients)
+        aggregated = time.perf_counter()
         losses = [r.metrics["loss"] for r in replies if np.isfinite(r.metrics["loss"])]
         metrics = {
             "round": round_index + 1,
@@ -137,7 +141,10 @@ class Simulation:
         }
         metrics.update(self.privacy_metrics(replies))
         metrics.update(self.evaluate(round_index))
-        metrics["seconds"] = time.perf_counter() - started
+        finished = time.perf_counter()
+        metrics.update(seconds=finished - started, seconds_train=trained - started,
+                       seconds_dp=sum(r.metrics.get("dp_seconds", 0.0) for r in replies),
+                       seconds_aggregate=aggregated - trained, seconds_eval=finished - aggregated)
         self.history.append(metrics)
         return metrics
 
@@ -171,7 +178,7 @@ class Simulation:
         if self.strategy.global_model:
             scores = evaluate(self.global_model(), self.test_data, self.config.batch_size * 4)
             results.update({"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]})
-        if self.strategy.personalised:
+        if self.strategy.personalised or self.config.personal_eval:
             per_client = [evaluate(self.client_model(c, round_index), self.client_data[c.cid][1])
                           for c in self.clients if len(self.client_data[c.cid][1])]
             if per_client:
@@ -179,7 +186,8 @@ class Simulation:
                 results["personal_loss"] = float(np.mean([s["loss"] for s in per_client]))
         return results
 
-    def run(self, progress: bool = True) -> SimulationResult:
+    def run(self, progress: bool = True, on_round: Callable[[dict], None] | None = None) -> SimulationResult:
+        """All rounds; ``on_round(metrics)`` is called after each (the CLI prints a line there)."""
         out_dir = Path(self.config.out_dir) if self.config.out_dir else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +198,11 @@ class Simulation:
                 bar = _progress_bar(progress, round_index, self.config.rounds, len(self.participants(round_index)))
                 metrics = self.step(round_index, bar)
                 if bar is not None:
-                    bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k.startswith(("test_acc", "train_loss", "personal_acc"))})
+                    bar.set_postfix({k: round(v, 4) for k, v in metrics.items()
+                                     if k.startswith(("test_acc", "train_loss", "personal_acc")) and v is not None})
                     bar.close()
+                if on_round is not None:
+                    on_round(metrics)
                 if out_dir is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()

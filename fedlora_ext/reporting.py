@@ -1,0 +1,141 @@
+"""Run reports: PNG plots of a run or a comparison, and Markdown tables (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_key(history: Sequence[Mapping]) -> str:
+    """``test_accuracy`` for methods with a global model, ``personal_accuracy`` otherwise (FedSA)."""
+    return "test_accuracy" if any("test_accuracy" in row for row in history) else "personal_accuracy"
+
+
+def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
+    rows = [(row["round"], row[key]) for row in history if row.get(key) is not None]
+    return [r for r, _ in rows], [v for _, v in rows]
+
+
+def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+    """Accuracy (left axis) and epsilon spent (right axis, if the run is private) per round."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    key = accuracy_key(history)
+    rounds, acc = _series(history, key)
+    ax.plot(rounds, acc, marker="o", color="tab:blue", label=key.replace("_", " "))
+    ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("accuracy", color="tab:blue")
+    ax.set_ylim(0, 1)
+    rounds_eps, eps = _series(history, "epsilon_max")
+    if eps:
+        right = ax.twinx()
+        right.plot(rounds_eps, eps, marker="s", color="tab:red", label="epsilon (max over clients)")
+        right.set_ylabel("epsilon spent", color="tab:red")
+        right.set_ylim(0, max(eps) * 1.1 if math.isfinite(max(eps)) and max(eps) > 0 else 1)
+    ax.set_title(title or "federated run")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -> list[Path]:
+    """``accuracy.png`` (per round), ``final_accuracy.png``, ``bytes.png`` (up / down) and, when any run
+    is private, ``epsilon.png``, one line or bar per variant."""
+    plt = _pyplot()
+    folder = Path(folder)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(folder / name)
+        plt.close(fig)
+        written.append(folder / name)
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
+    for name, history in runs.items():
+        ax.plot(*_series(history, accuracy_key(history)), marker="o", markersize=3, label=name)
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, "accuracy.png")
+
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(7.2, 0.5 + 0.35 * len(names)), dpi=100)
+    finals = [(_series(runs[n], accuracy_key(runs[n]))[1] or [0.0])[-1] for n in names]
+    ax.barh(names, finals, color="tab:blue")
+    ax.set(xlabel="final accuracy", xlim=(0, 1))
+    ax.invert_yaxis()
+    save(fig, "final_accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(7.2, 0.5 + 0.45 * len(names)), dpi=100)
+    up = [sum(row["bytes_up"] for row in runs[n]) / 2**20 for n in names]
+    down = [sum(row["bytes_down"] for row in runs[n]) / 2**20 for n in names]
+    positions = range(len(names))
+    ax.barh([p - 0.2 for p in positions], up, height=0.4, label="uploaded")
+    ax.barh([p + 0.2 for p in positions], down, height=0.4, label="downloaded")
+    ax.set_yticks(list(positions), names)
+    ax.set(xlabel="MiB over the run")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    save(fig, "bytes.png")
+
+    private = {n: h for n, h in runs.items() if any("epsilon_max" in row for row in h)}
+    if private:
+        fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
+        for name, history in private.items():
+            ax.plot(*_series(history, "epsilon_max"), marker="o", markersize=3, label=name)
+        ax.set(xlabel="round", ylabel="epsilon spent (max over clients)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "epsilon.png")
+    return written
+
+
+def summary_row(name: str, history: Sequence[Mapping]) -> dict:
+    """One line of a comparison: final and best accuracy, bytes, epsilon, seconds."""
+    key = accuracy_key(history)
+    acc = _series(history, key)[1]
+    eps = [row["epsilon_max"] for row in history if "epsilon_max" in row]
+    personal = _series(history, "personal_accuracy")[1]
+    return {
+        "variant": name,
+        "accuracy": key.replace("_accuracy", ""),
+        "final": acc[-1] if acc else float("nan"),
+        "best": max(acc) if acc else float("nan"),
+        "personal": personal[-1] if personal else None,
+        "MiB up": sum(row["bytes_up"] for row in history) / 2**20,
+        "MiB down": sum(row["bytes_down"] for row in history) / 2**20,
+        "epsilon": eps[-1] if eps else None,
+        "seconds": sum(row["seconds"] for row in history),
+    }
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    """A Markdown table of dicts with the same keys (floats to 3 decimals, None as a dash)."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return "inf" if math.isinf(value) else f"{value:.3f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
