@@ -68,6 +68,7 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
     for name, history in runs.items():
         ax.plot(*_series(history, accuracy_key(history)), marker="o", markersize=3, label=name)
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save(fig, "accuracy.png")
@@ -98,6 +99,7 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
         for name, history in private.items():
             ax.plot(*_series(history, "epsilon_max"), marker="o", markersize=3, label=name)
         ax.set(xlabel="round", ylabel="epsilon spent (max over clients)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save(fig, "epsilon.png")
