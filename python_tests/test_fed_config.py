@@ -163,3 +163,21 @@ def test_every_preset_loads_and_builds(name):
     assert len(sim.clients) == config.num_clients
     assert [c.rank for c in sim.clients] == (list(config.ranks()) if config.method != "lora_a2"
                                              else [config.rank] * config.num_clients)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"rank": "abc"}, r"rank must be int, got 'abc' \(str\)"),
+    ({"rank": 2.5}, r"rank must be int, got 2.5 \(float\)"),
+    ({"lr": "fast"}, r"lr must be float, got 'fast'"),
+    ({"personal_eval": 1}, r"personal_eval must be bool, got 1 \(int\)"),
+    ({"target_modules": ("query", 3)}, r"target_modules must be tuple\[str, ...\]"),
+    ({"dp_epsilon": True}, r"dp_epsilon must be float \| None, got True"),
+])
+def test_wrong_types_are_named(changes, match):
+    with pytest.raises(ValueError, match=match):
+        FedConfig(**changes)
+
+
+def test_ints_are_accepted_for_floats():
+    config = FedConfig(lr=1, alpha=8)
+    assert config.lr == 1.0 and isinstance(config.lr, float) and isinstance(config.alpha, float)

@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("classification", "causal_lm")
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, never a rank or a learning rate here
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +115,7 @@ class FedConfig:
         if self.dirichlet_alpha is not None and not isinstance(self.dirichlet_alpha, (int, float)):
             raise ValueError(f"FedConfig: dirichlet_alpha must be a number > 0 or None (TOML: \"iid\"), "
                              f"got {self.dirichlet_alpha!r}")
+        self._check_types()
         checks = [
             (self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}"),
             (self.adapter in ("lora", "vera"), f"adapter must be 'lora' or 'vera', got {self.adapter!r}"),
@@ -147,6 +157,24 @@ class FedConfig:
             if min(self.client_ranks) < 1:
                 raise ValueError(f"FedConfig: client_ranks must all be >= 1, got {list(self.client_ranks)}")
         self._check_privacy()
+
+    def _check_types(self) -> None:
+        """Each field against its annotation (TOML, ``--set`` and callers can pass anything); ints are
+        accepted for floats and stored as floats."""
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), f.type.replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                continue
+            base = kinds[0]
+            if base.startswith("tuple["):
+                item = _SCALARS[base[len("tuple["):].split(",")[0]]
+                ok = isinstance(value, tuple) and all(_is(v, item) for v in value)
+            else:
+                ok = _is(value, _SCALARS[base])
+            if not ok:
+                raise ValueError(f"FedConfig: {f.name} must be {f.type}, got {value!r} ({type(value).__name__})")
+            if base == "float" and isinstance(value, int):
+                object.__setattr__(self, f.name, float(value))
 
     def _check_privacy(self) -> None:
         from fedlora_ext.dp.accountant import check_privacy_arguments
