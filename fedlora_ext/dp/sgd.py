@@ -38,10 +38,11 @@ class NoiseStream:
         self.offset += 1
         return offset
 
-    def poisson_sample(self, population: int, rate: float, offset: int) -> np.ndarray:
+    def poisson_sample(self, population: int, rate: float, offset: int, stream: int = 0x5A) -> np.ndarray:
         """Indices of a Poisson sample (each record independently with probability ``rate``), drawn from
-        a generator keyed by the secret and the step's offset: unpredictable without the key."""
-        rng = np.random.default_rng([self.seed, offset, 0x5A])
+        a generator keyed by the secret, the step's offset and ``stream`` (one label per use):
+        unpredictable without the key."""
+        rng = np.random.default_rng([self.seed, offset, stream])
         return np.flatnonzero(rng.random(population) < rate)
 
 

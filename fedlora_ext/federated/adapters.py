@@ -211,13 +211,12 @@ def merge_stacked_(W: Tensor, Bs: list[Tensor], As: list[Tensor], weights: Tenso
         ops.stacked_delta_(W, Bs, As, weights.to(torch.float32), 1.0, transpose=fan_in_fan_out)
 
 
-def rank_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def rank_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Gradient masks by parameter name from boolean rank masks ``[r]`` by module: an A factor's
     unselected rows and a B factor's unselected columns are 0 (LoRA-A2's rank selection)."""
     out = {}
-    for name, layer in adapter_layers(model).items():
-        if name in masks:
-            keep = masks[name].to(torch.float32)
-            out[f"{name}.lora_A"] = keep[:, None]
-            out[f"{name}.lora_B"] = keep[None, :]
+    for name, mask in masks.items():
+        keep = mask.to(torch.float32)
+        out[f"{name}.lora_A"] = keep[:, None]
+        out[f"{name}.lora_B"] = keep[None, :]
     return out

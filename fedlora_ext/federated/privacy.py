@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from fedlora_ext import ops
@@ -58,8 +57,8 @@ class ServerPrivacy:
 
     def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
         """Each client independently with probability ``participation`` (possibly none)."""
-        rng = np.random.default_rng([self.noise.seed, round_index, 0xC1])
-        return [c for c, pick in zip(clients, rng.random(len(clients)) < self.config.participation) if pick]
+        chosen = self.noise.poisson_sample(len(clients), self.config.participation, round_index, stream=0xC1)
+        return [clients[i] for i in chosen]
 
     def aggregate(self, state: GlobalState, replies: list[Reply], round_index: int) -> GlobalState:
         """``w + (sum_k clip(u_k) + N(0, (sigma S)^2)) / (q N)`` for every uploaded tensor w, where

@@ -25,10 +25,10 @@ class FedSALoRA(Strategy):
         return {n: t for n, t in state.tensors.items() if factor_kind(n) in _SHARED}
 
     def download(self, state: GlobalState, client: ClientState, round_index: int):
-        return {n: t.clone() for n, t in state.tensors.items() if factor_kind(n) in _SHARED}
+        return {n: t.clone() for n, t in self.global_tensors(state).items()}
 
     def upload_names(self, state: GlobalState, round_index: int) -> list[str]:
-        return sorted(n for n in state.tensors if factor_kind(n) in _SHARED)
+        return sorted(self.global_tensors(state))
 
     def upload(self, model, client, start, round_index):
         trained = super().upload(model, client, start, round_index)

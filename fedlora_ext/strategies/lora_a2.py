@@ -76,7 +76,7 @@ class LoRAA2(Strategy):
         trainer.train(model, steps=self.scoring_steps(client.num_examples))  # the scoring epoch
         masks = self.select_ranks(model, start, factor, self.budget(client.cid))
         adapters.write_tensors(model, start)  # restart the round from where it began, now masked
-        loss = trainer.train(model, masks=adapters.rank_masks(model, masks))
+        loss = trainer.train(model, masks=adapters.rank_masks(masks))
         client.info["a2_masks"] = masks
         return loss
 
