@@ -199,12 +199,6 @@ class Context:
                            floor_ms=max(mem_floor, flop_floor), extra=info, note=note, samples_ms=samples)
 
 
-def _max_err(a, b) -> float:
-    if isinstance(a, torch.Tensor):
-        return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-    return max((_max_err(x, y) for x, y in zip(a, b)), default=0.0)
-
-
 def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -287,10 +281,10 @@ def case_dp_clip_noise(ctx: Context, case: Case, ops, reference) -> BenchResult:
         opacus_step, reset_opacus = harness.opacus_dp_step(grads, batch)
         fns["opacus DPOptimizer"] = opacus_step
         setups["opacus DPOptimizer"] = reset_opacus
-    err = _max_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))
+    err = harness.max_abs_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))
     eq_outs, eq_norms = opacus_equivalent_step(grads, 1.0, 0.0, float(batch))  # noise 0: comparable
-    eq_err = max(_max_err(ops.dp_clip_noise(grads, 1.0, 0.0, float(batch), SEED, OFFSET)[0], eq_outs),
-                 _max_err(ops.per_sample_norms(grads), eq_norms))
+    eq_err = max(harness.max_abs_err(ops.dp_clip_noise(grads, 1.0, 0.0, float(batch), SEED, OFFSET)[0], eq_outs),
+                 harness.max_abs_err(ops.per_sample_norms(grads), eq_norms))
     return ctx.measure(
         op=case.op, case=case.case, dtype=torch.float32, fns=fns, setups=setups,
         shapes=f"{len(shapes)} tensors {p['layers']}x{{q,v}}x{{A[8,{p['hidden']}],B[{p['hidden']},8]}}, batch {batch}",
@@ -310,7 +304,7 @@ def case_per_sample_norms(ctx: Context, case: Case, ops, reference) -> BenchResu
            "opacus norms (torch)": lambda: torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grads], 1).norm(2, dim=1)}
     return ctx.measure(op=case.op, case=case.case, shapes=f"{len(shapes)} LoRA tensors, batch {p['batch']}",
                        dtype=torch.float32, fns=fns, bytes_moved=nbytes(grads),
-                       extra={"max_abs_err_vs_twin": _max_err(ops.per_sample_norms(grads), reference.per_sample_norms(grads))})
+                       extra={"max_abs_err_vs_twin": harness.max_abs_err(ops.per_sample_norms(grads), reference.per_sample_norms(grads))})
 
 
 def case_weighted_sum(ctx: Context, case: Case, ops, reference) -> BenchResult:
@@ -327,7 +321,7 @@ def case_weighted_sum(ctx: Context, case: Case, ops, reference) -> BenchResult:
     return ctx.measure(op=case.op, case=case.case, dtype=dtype,
                        shapes=f"{K} x {p['factor']} {list(shape)}, [K] weights, rank_dim {rank_dim}", fns=fns,
                        bytes_moved=nbytes(xs) + xs[0].numel() * xs[0].element_size(),
-                       extra={"max_abs_err_vs_twin": _max_err(ops.weighted_sum(*args), reference.weighted_sum(*args))})
+                       extra={"max_abs_err_vs_twin": harness.max_abs_err(ops.weighted_sum(*args), reference.weighted_sum(*args))})
 
 
 def case_weighted_sum_adapter(ctx: Context, case: Case, ops, reference) -> BenchResult:
@@ -365,16 +359,7 @@ def case_stacked_delta_inplace(ctx: Context, case: Case, ops, reference) -> Benc
     # the addmm baseline's factors: weights folded into B, concatenated once, outside the timed region
     B_cat = torch.cat([wk * B.float() for wk, B in zip(w.tolist(), Bs)], dim=1).to(dtype).contiguous()
     A_cat = torch.cat(As, dim=0).contiguous()
-    W_f, W_t = W.clone(), W.clone()
-    ops.stacked_delta_(W_f, Bs, As, w, scale)
-    reference.stacked_delta_(W_t, Bs, As, w, scale)
-    err = _max_err(W_f, W_t)
-    del W_f, W_t
-    fns = {
-        "fused": lambda: ops.stacked_delta_(W, Bs, As, w, scale),
-        "twin": lambda: reference.stacked_delta_(W, Bs, As, w, scale),
-        "addmm_(pre-cat)": lambda: W.addmm_(B_cat, A_cat, alpha=scale),
-    }
+    fns, err = harness.stacked_delta_inplace_variants(W, Bs, As, w, scale, B_cat, A_cat)
     size = W.element_size()
     result = ctx.measure(op=case.op, case=case.case, dtype=dtype, fns=fns,
                          shapes=f"W[{m},{n}] += {K} x (B[{m},{r}] @ A[{r},{n}])",
@@ -390,7 +375,7 @@ def case_gaussian_noise(ctx: Context, case: Case, ops, reference) -> BenchResult
     a, b = x[:head].clone(), x[:head].clone()
     ops.gaussian_noise_([a], 1.0, SEED, OFFSET)
     reference.gaussian_noise_([b], 1.0, SEED, OFFSET)
-    err = _max_err(a, b)
+    err = harness.max_abs_err(a, b)
     del a, b
     fns = {
         "fused": lambda: ops.gaussian_noise_([x], 1.0, SEED, OFFSET),

@@ -134,12 +134,6 @@ def _config(case: Case, threads: int, ctx: Context, *, main_bytes: int, bytes_mo
     )
 
 
-def _max_err(a, b) -> float:
-    if isinstance(a, torch.Tensor):
-        return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
-    return max((_max_err(x, y) for x, y in zip(a, b)), default=0.0)
-
-
 def _time_case(
     ctx: Context,
     cfg: BenchConfig,
@@ -194,7 +188,7 @@ def run_dp_clip_noise(case: Case, st: dict, threads: int, ctx: Context) -> Bench
     g_bytes = sum(g.numel() for g in grads) * F32
     cfg = _config(case, threads, ctx, main_bytes=g_bytes, bytes_moved=2 * g_bytes + g_bytes // batch)
     args = (grads, 1.0, 1.0, float(batch), SEED, OFFSET)
-    err = _max_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))
+    err = harness.max_abs_err(ops.dp_clip_noise(*args), reference.dp_clip_noise(*args))
 
     # opacus 1.6 DPOptimizer on the same per-sample grads: exactly the three step pieces are timed.
     opacus_step, reset_opacus = harness.opacus_dp_step(grads, batch)
@@ -217,7 +211,7 @@ def run_per_sample_norms(case: Case, st: dict, threads: int, ctx: Context) -> Be
     grads = st["grads"]
     g_bytes = sum(g.numel() for g in grads) * F32
     cfg = _config(case, threads, ctx, main_bytes=g_bytes, bytes_moved=g_bytes)
-    err = _max_err(ops.per_sample_norms(grads), reference.per_sample_norms(grads))
+    err = harness.max_abs_err(ops.per_sample_norms(grads), reference.per_sample_norms(grads))
     fns = {"fused": lambda: ops.per_sample_norms(grads), "twin": lambda: reference.per_sample_norms(grads)}
     return _time_case(ctx, cfg, fns, floor_reads=1, extra={"max_abs_err_vs_twin": err})
 
@@ -253,7 +247,7 @@ def run_weighted_sum(case: Case, st: dict, threads: int, ctx: Context) -> BenchR
     in_bytes = sum(x.numel() for x in xs) * F32
     cfg = _config(case, threads, ctx, main_bytes=in_bytes, bytes_moved=in_bytes + xs[0].numel() * F32)
     args = (xs, w, 1, rank)
-    err = _max_err(ops.weighted_sum(*args), reference.weighted_sum(*args))
+    err = harness.max_abs_err(ops.weighted_sum(*args), reference.weighted_sum(*args))
     compiled, note = compiled_twin(ctx, case.op, reference.weighted_sum, args)
     fns = {
         "fused": lambda: ops.weighted_sum(*args),
@@ -291,17 +285,7 @@ def run_stacked_delta_inplace(case: Case, st: dict, threads: int, ctx: Context) 
     B_cat, A_cat = st["B_cat"], st["A_cat"]
     cfg = _config(case, threads, ctx, main_bytes=W.numel() * F32, bytes_moved=_stacked_bytes(p, 2))
 
-    W_f, W_t = W.clone(), W.clone()  # correctness check on copies, outside the timed region
-    ops.stacked_delta_(W_f, Bs, As, w, scale)
-    reference.stacked_delta_(W_t, Bs, As, w, scale)
-    err = _max_err(W_f, W_t)
-    del W_f, W_t
-
-    fns = {
-        "fused": lambda: ops.stacked_delta_(W, Bs, As, w, scale),
-        "twin": lambda: reference.stacked_delta_(W, Bs, As, w, scale),
-        "addmm_(pre-cat)": lambda: W.addmm_(B_cat, A_cat, alpha=scale),
-    }
+    fns, err = harness.stacked_delta_inplace_variants(W, Bs, As, w, scale, B_cat, A_cat)
     result = _time_case(ctx, cfg, fns, extra={"max_abs_err_vs_twin": err})
     flops = 2 * p["m"] * p["n"] * p["K"] * p["r"] + 2 * p["m"] * p["n"]
     ratio = result.fused_ms / result.baselines_ms["addmm_(pre-cat)"]
@@ -314,7 +298,7 @@ def run_stacked_delta(case: Case, st: dict, threads: int, ctx: Context) -> Bench
     Bs, As, w, scale = st["Bs"], st["As"], st["w"], p["scale"]
     B_cat, A_cat = st["B_cat"], st["A_cat"]
     cfg = _config(case, threads, ctx, main_bytes=p["m"] * p["n"] * F32, bytes_moved=_stacked_bytes(p, 1))
-    err = _max_err(ops.stacked_delta(Bs, As, w, scale), reference.stacked_delta(Bs, As, w, scale))
+    err = harness.max_abs_err(ops.stacked_delta(Bs, As, w, scale), reference.stacked_delta(Bs, As, w, scale))
     fns = {
         "fused": lambda: ops.stacked_delta(Bs, As, w, scale),
         "twin": lambda: reference.stacked_delta(Bs, As, w, scale),
@@ -341,7 +325,7 @@ def run_gaussian_noise(case: Case, st: dict, threads: int, ctx: Context) -> Benc
     a, b = x[:head].clone(), x[:head].clone()
     ops.gaussian_noise_([a], 1.0, SEED, OFFSET)
     reference.gaussian_noise_([b], 1.0, SEED, OFFSET)
-    err = _max_err(a, b)
+    err = harness.max_abs_err(a, b)
     del a, b
 
     # the twin takes seconds per call: timed on its own, with --slow-repeats runs

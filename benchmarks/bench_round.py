@@ -15,6 +15,7 @@ shows medians over the rounds; the JSON keeps every round. Model loading and tok
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -78,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     header["private_over_non_private_train"] = ratio
     path = Path(args.json or (DEFAULT_JSON.with_name("round_cpu_quick.json") if args.quick else DEFAULT_JSON))
     path.parent.mkdir(parents=True, exist_ok=True)
-    import json
-
     path.write_text(json.dumps({"header": header, "results": results, "written": time.ctime(),
                                 "loadavg": os.getloadavg()}, indent=2, default=str))
     print(f"wrote {path}")

@@ -152,6 +152,32 @@ def opacus_dp_step(grads: list[torch.Tensor], batch: int) -> tuple[Callable[[], 
     return step, reset
 
 
+def max_abs_err(a, b) -> float:
+    """Largest absolute difference between two tensors, or two lists of them (0 for empty ones)."""
+    if isinstance(a, torch.Tensor):
+        return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return max((max_abs_err(x, y) for x, y in zip(a, b)), default=0.0)
+
+
+def stacked_delta_inplace_variants(W, Bs, As, w, scale, B_cat, A_cat) -> tuple[dict[str, Callable[[], Any]], float]:
+    """What the CPU and GPU benchmarks time for ``stacked_delta_`` (the fused op, its twin, and one
+    ``addmm_`` on factors concatenated beforehand), and the op's largest error against the twin,
+    checked on copies of ``W`` outside any timed region."""
+    from fedlora_ext import ops, reference
+
+    W_f, W_t = W.clone(), W.clone()
+    ops.stacked_delta_(W_f, Bs, As, w, scale)
+    reference.stacked_delta_(W_t, Bs, As, w, scale)
+    err = max_abs_err(W_f, W_t)
+    del W_f, W_t
+    fns = {
+        "fused": lambda: ops.stacked_delta_(W, Bs, As, w, scale),
+        "twin": lambda: reference.stacked_delta_(W, Bs, As, w, scale),
+        "addmm_(pre-cat)": lambda: W.addmm_(B_cat, A_cat, alpha=scale),
+    }
+    return fns, err
+
+
 def make_result(
     config: BenchConfig,
     *,
