@@ -56,6 +56,11 @@ class ModelBench:
             self._models[rank] = model
         return self._models[rank]
 
+    def template(self, rank: int) -> dict[str, Tensor]:
+        """The shared tensors of a model at ``rank`` as meta tensors: the names, shapes and dtypes an
+        upload is checked against."""
+        return {n: torch.empty_like(p, device="meta") for n, p in adapters.shared_parameters(self.model(rank)).items()}
+
     def pristine_base(self) -> dict[str, Tensor]:
         """Base weights of the adapted modules as loaded, before any merge."""
         return self._pristine
@@ -183,7 +188,11 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     strategy.prepare(model, client, payload, round_index)
     start = adapters.read_tensors(model)
     trainer = LocalTrainer(strategy.config, data, seed, client.privacy)
-    loss = strategy.local_update(trainer, model, client, round_index)
+    # dropout draws from torch's global generator: seed it per client and round, so a client's round is
+    # the same whichever clients ran before it in this process (simulator, Flower node, resumed run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loss = strategy.local_update(trainer, model, client, round_index)
     upload = strategy.upload(model, client, start, round_index)
     client.tensors = {n: t.detach().clone() for n, t in strategy.keep(model, client, round_index).items()}
     client.info["last_round"] = round_index

@@ -39,6 +39,7 @@ class FedConfig:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
         batch_size, lr, optimizer (``adamw`` or ``sgd``), fedprox_mu (> 0 adds FedProx's proximal term).
+        min_clients: the fewest valid replies a round may aggregate (Flower: fewer stops the run).
         dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID (in TOML, which
             has no null: ``dirichlet_alpha = "iid"``). min_client_examples: the smallest shard a
             Dirichlet draw may leave a client (strong skew leaves some with a handful).
@@ -108,6 +109,7 @@ class FedConfig:
     server_dp_noise_multiplier: float | None = None
     server_dp_clip: float = 1.0
     server_dp_accountant: str = "rdp"
+    min_clients: int = 1
     seed: int = 0
     out_dir: str | None = None
 
@@ -144,6 +146,8 @@ class FedConfig:
              f"max_examples must be >= 2 * num_clients ({2 * self.num_clients}) or unset, got {self.max_examples}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
             (self.min_client_examples >= 1, f"min_client_examples must be >= 1, got {self.min_client_examples}"),
+            (1 <= self.min_clients <= self.num_clients,
+             f"min_clients must be in [1, num_clients = {self.num_clients}], got {self.min_clients}"),
         ]
         for ok, message in checks:
             if not ok:

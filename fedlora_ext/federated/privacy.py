@@ -90,10 +90,13 @@ class ServerPrivacy:
                                      f"expected {tuple(want)}")
 
 
-def privacy_report(clients: list[ClientState], server: ServerPrivacy | None) -> dict:
-    """epsilon, delta, sigma, q, steps and accountant per client (and for the server), and the maximum."""
+def privacy_report(clients: list[ClientState], server: ServerPrivacy | None,
+                   client_reports: dict[str, dict] | None = None) -> dict:
+    """epsilon, delta, sigma, q, steps and accountant per client (and for the server), and the maximum;
+    ``client_reports`` stands in for the accounts where they live elsewhere (Flower nodes report theirs)."""
     report: dict = {}
-    per_client = {str(c.cid): c.privacy.account.report() for c in clients if c.privacy is not None}
+    per_client = client_reports if client_reports is not None else {
+        str(c.cid): c.privacy.account.report() for c in clients if c.privacy is not None}
     if per_client:
         report["clients"] = per_client
         report["epsilon_max"] = max(r["epsilon"] for r in per_client.values())

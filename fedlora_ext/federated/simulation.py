@@ -63,7 +63,7 @@ class Simulation:
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
             self._check_private_model(init)
         server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
-        self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy)
+        self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template)
         self.history: list[dict] = []
 
     @property
@@ -79,36 +79,16 @@ class Simulation:
         return self.server.ledger
 
     def _make_clients(self):
-        config = self.config
-        n = len(self.train_data)
-        if getattr(self.strategy, "pool_clients", False):  # centralized: one client with all the data
-            shards = [np.arange(n)]
-        elif config.dirichlet_alpha is None:
-            shards = iid_partition(n, config.num_clients, config.seed)
-        else:
-            labels = self.train_data["label"]
-            shards = dirichlet_partition(labels.tolist() if hasattr(labels, "tolist") else labels,
-                                         config.num_clients, config.dirichlet_alpha, config.seed,
-                                         min_size=config.min_client_examples)
-        ranks = config.ranks() if len(shards) == config.num_clients else (max(config.ranks()),)
         clients, data = [], []
-        for cid, shard in enumerate(shards):
-            train_idx, test_idx = split_train_test(shard, config.test_fraction, derive_seed(config.seed, "split", cid))
-            client = ClientState(cid=cid, rank=self.strategy.client_rank(ranks[cid]), num_examples=len(train_idx))
-            if config.sample_dp:
-                client.privacy = client_privacy(config, self.strategy, cid, len(train_idx))
+        for client, train, test in partition_clients(self.config, self.strategy, self.train_data):
+            if self.config.sample_dp:
+                client.privacy = client_privacy(self.config, self.strategy, client.cid, client.num_examples)
             clients.append(client)
-            data.append((self.train_data.select(train_idx.tolist()), self.train_data.select(test_idx.tolist())))
+            data.append((train, test))
         return clients, data
 
     def _check_private_model(self, model) -> None:
-        trainable = self.strategy.trainable(0)
-        adapters.set_trainable(model, **trainable)
-        params = adapters.trainable_parameters(model)
-        if not params:
-            raise ValueError(f"DP-SGD: method {self.config.method!r} leaves no trainable adapter parameter "
-                             f"({trainable}); nothing to train privately")
-        PerSampleGradients(model, params.values())  # raises for parameters it cannot differentiate per sample
+        check_private_model(self.config, self.strategy, model)
 
     def participants(self, round_index: int) -> list[ClientState]:
         """The clients sampled for a round (seeded; at least one)."""
@@ -118,27 +98,25 @@ class Simulation:
         """One round: download, local training, upload, aggregation, evaluation; returns its metrics."""
         started = time.perf_counter()
         self.server.start_round()
-        replies = []
+        replies, rejected = [], {}
         for client in self.participants(round_index):
             payload = self.server.configure(client, round_index)
             reply = run_client_round(self.strategy, self.bench, self.state, client, payload,
                                      self.client_data[client.cid][0], round_index)
-            self.server.receive(reply)
-            replies.append(reply)
+            reason = self.server.receive(reply, client, round_index)
+            if reason is None:
+                replies.append(reply)
+            else:
+                rejected[str(client.cid)] = reason
             if progress is not None:
                 progress.update(1)
         trained = time.perf_counter()
         if replies or self.server.privacy is not None:  # DP-FedAvg noises even an empty round
             self.server.aggregate(replies, round_index, self.clients)
         aggregated = time.perf_counter()
-        losses = [r.metrics["loss"] for r in replies if np.isfinite(r.metrics["loss"])]
-        metrics = {
-            "round": round_index + 1,
-            "clients": [r.cid for r in replies],
-            "train_loss": float(np.mean(losses)) if losses else None,
-            "bytes_up": self.ledger.round_total("up"),
-            "bytes_down": self.ledger.round_total("down"),
-        }
+        metrics = round_metrics(round_index, replies, self.ledger)
+        if rejected:
+            metrics["rejected"] = rejected
         metrics.update(self.privacy_metrics(replies))
         metrics.update(self.evaluate(round_index))
         finished = time.perf_counter()
@@ -149,14 +127,7 @@ class Simulation:
         return metrics
 
     def privacy_metrics(self, replies) -> dict:
-        """Epsilon spent so far by each client of the round, the maximum over all clients, the server's."""
-        out = {}
-        if self.config.sample_dp:
-            out["epsilon"] = {str(r.cid): r.metrics["epsilon"] for r in replies}
-            out["epsilon_max"] = max(c.info.get("epsilon", 0.0) for c in self.clients)
-        if self.server.privacy is not None:
-            out["server_epsilon"] = self.server.privacy.account.epsilon()
-        return out
+        return privacy_metrics(self.config, replies, self.clients, self.server.privacy)
 
     def privacy_report(self) -> dict:
         return privacy_report(self.clients, self.server.privacy)
@@ -217,14 +188,73 @@ class Simulation:
         return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy, privacy)
 
     def save_adapter(self, path: Path) -> None:
-        """The final global adapter (and the merged base deltas, for FLoRA / FedEx-LoRA) as safetensors."""
-        from safetensors.torch import save_file
+        save_adapter(path, self.strategy, self.state, self.bench.pristine_base())
 
-        tensors = {n: t.contiguous() for n, t in self.strategy.global_tensors(self.state).items()}
-        pristine = self.bench.pristine_base()
-        for module, weight in self.state.base.items():
-            tensors[f"base_delta.{module}"] = (weight - pristine[module]).contiguous()
-        save_file(tensors, str(path), metadata={"method": self.config.method, "rounds": str(self.config.rounds)})
+
+def check_private_model(config: FedConfig, strategy: Strategy, model) -> None:
+    """Fails before training if DP-SGD has nothing it can train, or a parameter it cannot clip."""
+    trainable = strategy.trainable(0)
+    adapters.set_trainable(model, **trainable)
+    params = adapters.trainable_parameters(model)
+    if not params:
+        raise ValueError(f"DP-SGD: method {config.method!r} leaves no trainable adapter parameter "
+                         f"({trainable}); nothing to train privately")
+    PerSampleGradients(model, params.values())  # raises for parameters it cannot differentiate per sample
+
+
+def round_metrics(round_index: int, replies: list, ledger: CommLedger) -> dict:
+    """The round's line of ``metrics.jsonl`` before evaluation: who replied, their loss, the bytes."""
+    losses = [r.metrics["loss"] for r in replies if np.isfinite(r.metrics["loss"])]
+    return {"round": round_index + 1, "clients": [r.cid for r in replies],
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "bytes_up": ledger.round_total("up"), "bytes_down": ledger.round_total("down")}
+
+
+def privacy_metrics(config: FedConfig, replies: list, clients: list[ClientState], server_privacy) -> dict:
+    """Epsilon spent so far by each client of the round, the maximum over all clients, the server's."""
+    out = {}
+    if config.sample_dp:
+        out["epsilon"] = {str(r.cid): r.metrics["epsilon"] for r in replies}
+        out["epsilon_max"] = max(c.info.get("epsilon", 0.0) for c in clients)
+    if server_privacy is not None:
+        out["server_epsilon"] = server_privacy.account.epsilon()
+    return out
+
+
+def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list[tuple[ClientState, object, object]]:
+    """Every client's state (no privacy yet), training split and own test split, seeded: the same on
+    the simulator and on every Flower node, which keeps only its own."""
+    n = len(train_data)
+    if getattr(strategy, "pool_clients", False):  # centralized: one client with all the data
+        shards = [np.arange(n)]
+    elif config.dirichlet_alpha is None:
+        shards = iid_partition(n, config.num_clients, config.seed)
+    else:
+        labels = train_data["label"]
+        shards = dirichlet_partition(labels.tolist() if hasattr(labels, "tolist") else labels,
+                                     config.num_clients, config.dirichlet_alpha, config.seed,
+                                     min_size=config.min_client_examples)
+    ranks = config.ranks() if len(shards) == config.num_clients else (max(config.ranks()),)
+    out = []
+    for cid, shard in enumerate(shards):
+        train_idx, test_idx = split_train_test(shard, config.test_fraction, derive_seed(config.seed, "split", cid))
+        client = ClientState(cid=cid, rank=strategy.client_rank(ranks[cid]), num_examples=len(train_idx))
+        out.append((client, train_data.select(train_idx.tolist()), train_data.select(test_idx.tolist())))
+    return out
+
+
+def save_adapter(path: Path, strategy: Strategy, state: GlobalState, pristine: dict[str, torch.Tensor]) -> None:
+    """The global adapter (and the merged base deltas, for FLoRA / FedEx-LoRA) as safetensors, written
+    to a temporary file and renamed, so a crash never leaves half a file."""
+    from safetensors.torch import save_file
+
+    tensors = {n: t.contiguous() for n, t in strategy.global_tensors(state).items()}
+    for module, weight in state.base.items():
+        tensors[f"base_delta.{module}"] = (weight - pristine[module]).contiguous()
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata={"method": strategy.config.method, "rounds": str(strategy.config.rounds)})
+    temporary.replace(path)
 
 
 def _progress_bar(enabled: bool, round_index: int, rounds: int, clients: int):

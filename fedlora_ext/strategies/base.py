@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fedlora_ext import ops
 from fedlora_ext.federated import adapters
+from fedlora_ext.federated.validation import check_tensors
 
 if TYPE_CHECKING:
     from fedlora_ext.federated.client import LocalTrainer
@@ -187,12 +188,25 @@ class Strategy:
     def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
         """Bookkeeping after a round, seeing every client's state (nothing by default)."""
 
-    def upload_names(self, state: GlobalState, round_index: int) -> list[str]:
-        """The global tensors a client's upload updates this round (what it trains)."""
+    def upload_kinds(self, round_index: int) -> set[str]:
+        """The factor kinds (``lora_A``, ``lora_B``, ``vera_d``, ``vera_b``, ``head``) a client uploads."""
         parts = self.trainable(round_index)
         kinds = {"lora_A": parts["A"], "vera_d": parts["A"], "lora_B": parts["B"], "vera_b": parts["B"],
                  "head": parts["head"]}
-        return sorted(n for n in state.tensors if kinds[factor_kind(n)])
+        return {kind for kind, on in kinds.items() if on}
+
+    def upload_names(self, state: GlobalState, round_index: int) -> list[str]:
+        """The global tensors a client's upload updates this round (what it trains)."""
+        kinds = self.upload_kinds(round_index)
+        return sorted(n for n in state.tensors if factor_kind(n) in kinds)
+
+    def check_upload(self, tensors: Mapping[str, Tensor], template: Mapping[str, Tensor], client: ClientState,
+                     round_index: int) -> None:
+        """Refuses (:class:`~fedlora_ext.federated.validation.RejectedUpdate`) an upload that is not what
+        this method sends from a model like ``template`` (the shared tensors at the client's rank, e.g.
+        meta tensors): other names, shapes or dtypes, or non-finite values."""
+        kinds = self.upload_kinds(round_index)
+        check_tensors(tensors, {n: t for n, t in template.items() if factor_kind(n) in kinds})
 
     # ---- client ----------------------------------------------------------------------------------
     def trainable(self, round_index: int) -> dict[str, bool]:

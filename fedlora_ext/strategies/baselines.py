@@ -32,6 +32,9 @@ class Standalone(Strategy):
     def upload(self, model, client, start, round_index):
         return {}
 
+    def upload_kinds(self, round_index):
+        return set()
+
     def keep(self, model, client, round_index):
         return {n: p.detach().clone() for n, p in adapters.shared_parameters(model).items()}
 

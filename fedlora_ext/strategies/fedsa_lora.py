@@ -27,8 +27,8 @@ class FedSALoRA(Strategy):
     def download(self, state: GlobalState, client: ClientState, round_index: int):
         return {n: t.clone() for n, t in self.global_tensors(state).items()}
 
-    def upload_names(self, state: GlobalState, round_index: int) -> list[str]:
-        return sorted(self.global_tensors(state))
+    def upload_kinds(self, round_index: int) -> set[str]:
+        return super().upload_kinds(round_index) & set(_SHARED)
 
     def upload(self, model, client, start, round_index):
         trained = super().upload(model, client, start, round_index)

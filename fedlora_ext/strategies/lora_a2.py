@@ -22,6 +22,7 @@ import torch
 
 from fedlora_ext import ops
 from fedlora_ext.federated import adapters
+from fedlora_ext.federated.validation import RejectedUpdate, check_tensors
 from fedlora_ext.strategies.base import (
     GlobalState, Strategy, average_tensors, factor_kind, fedavg_weights, rank_dim, register,
 )
@@ -54,7 +55,7 @@ class LoRAA2(Strategy):
 
     def download(self, state: GlobalState, client, round_index: int):
         everything = super().download(state, client, round_index)
-        if round_index > 0 and client.info.get("last_round") == round_index - 1 and client.tensors:
+        if round_index > 0 and client.info.get("last_round") == round_index - 1:
             updated = self.factor(round_index - 1)  # the client still holds the other factor
             return {n: t for n, t in everything.items() if factor_kind(n) in (updated, "head")}
         return everything
@@ -118,6 +119,30 @@ class LoRAA2(Strategy):
             out[f"{name}_ranks"] = ranks.to(torch.int32)
         out.update({n: p.detach().clone() for n, p in adapters.head_parameters(model).items()})
         return out
+
+    def check_upload(self, tensors, template, client, round_index: int) -> None:
+        """The head as usual, and per module either nothing (no rank selected there) or a pair: the
+        selected rank indices (int32, distinct, in [0, r)) and the update's slices at those ranks."""
+        factor = self.factor(round_index)
+        heads = {n: t for n, t in template.items() if factor_kind(n) == "head"}
+        expected = dict(heads)
+        for name in (n for n in template if factor_kind(n) == factor):
+            if f"{name}_ranks" not in tensors and f"{name}_delta" not in tensors:
+                continue
+            ranks, dim, full = tensors.get(f"{name}_ranks"), rank_dim(name), template[name]
+            r = full.shape[dim]
+            if not (isinstance(ranks, torch.Tensor) and ranks.dtype == torch.int32 and ranks.dim() == 1
+                    and 0 < ranks.numel() <= r):
+                got = f"{ranks.dtype} {tuple(ranks.shape)}" if isinstance(ranks, torch.Tensor) else repr(ranks)
+                raise RejectedUpdate(f"tensor {name + '_ranks'!r} must be int32 [1..{r}] rank indices, got {got}")
+            if int(ranks.min()) < 0 or int(ranks.max()) >= r or len(set(ranks.tolist())) != ranks.numel():
+                raise RejectedUpdate(f"tensor {name + '_ranks'!r} must hold distinct ranks in [0, {r}), "
+                                     f"got {ranks.tolist()}")
+            shape = list(full.shape)
+            shape[dim] = ranks.numel()
+            expected[f"{name}_ranks"] = ranks
+            expected[f"{name}_delta"] = torch.empty(shape, dtype=full.dtype, device="meta")
+        check_tensors(tensors, expected)
 
     def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
         factor = self.factor(round_index)

@@ -8,6 +8,8 @@ simulator keeps those stacks until every client has them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -39,13 +41,13 @@ class MergingStrategy(Strategy):
 
     def merge(self, state: GlobalState, module: str, Bs: list[Tensor], As: list[Tensor], weights: Tensor,
               round_index: int) -> None:
-        """``base[module] += sum_k weights_k B_k A_k`` and remember the stacked factors for downloads."""
-        W = state.base[module]
-        adapters.merge_stacked_(W, [b.float() for b in Bs], [a.float() for a in As], weights,
-                                self._fan_in_fan_out[module])
+        """``base[module] += sum_k weights_k B_k A_k``, applied as the stacked product B_s A_s that clients
+        download, so a client following the merges on its own copy of the base gets the same bits."""
         stack = state.info["stacks"].setdefault(round_index, {})
         stack[f"{module}.B_stacked"] = torch.cat([b.float() for b in Bs], dim=1)
         stack[f"{module}.A_stacked"] = torch.cat([w * a.float() for w, a in zip(weights.tolist(), As)], dim=0)
+        apply_stack(state.base[module], stack[f"{module}.B_stacked"], stack[f"{module}.A_stacked"],
+                    self._fan_in_fan_out[module])
 
     def missed_stacks(self, state: GlobalState, client: ClientState) -> dict[str, Tensor]:
         """The stacked factors of every merge since the client last took part (what it must download)."""
@@ -59,3 +61,28 @@ class MergingStrategy(Strategy):
         everyone_has = min(c.info.get("last_round", 0) for c in clients)  # merges before this are delivered
         for r in [r for r in state.info["stacks"] if r < everyone_has]:
             del state.info["stacks"][r]
+
+
+def apply_stack(W: Tensor, B_stacked: Tensor, A_stacked: Tensor, fan_in_fan_out: bool) -> None:
+    """``W += B_s A_s`` in place (transposed for fan_in_fan_out): one merge, on the server or a client."""
+    adapters.merge_stacked_(W, [B_stacked], [A_stacked], torch.ones(1), fan_in_fan_out)
+
+
+def follow_merges(base: dict[str, Tensor], payload: Mapping[str, Tensor], fan_in_fan_out: Mapping[str, bool],
+                  merged_through: int) -> int:
+    """Applies the downloaded stacks of every round >= ``merged_through`` to a client's own copy of the
+    merged base (float32, by module), in round order; returns the next round it lacks. Stacks of rounds
+    it has already merged are skipped, so a download that repeats one (the server missed a reply) is
+    harmless."""
+    rounds = sorted({int(n.split(".", 1)[0].removeprefix(_STACK_PREFIX)) for n in payload if n.startswith(_STACK_PREFIX)})
+    for r in rounds:
+        if r < merged_through:
+            continue
+        prefix = f"{_STACK_PREFIX}{r}."
+        for module in sorted({n[len(prefix):].rsplit(".", 1)[0] for n in payload if n.startswith(prefix)}):
+            if module not in base:
+                raise ValueError(f"download: stack for unknown module {module!r}; known: {sorted(base)[:4]}...")
+            apply_stack(base[module], payload[f"{prefix}{module}.B_stacked"], payload[f"{prefix}{module}.A_stacked"],
+                        fan_in_fan_out[module])
+        merged_through = r + 1
+    return merged_through

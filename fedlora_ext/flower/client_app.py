@@ -1,0 +1,161 @@
+"""The ClientApp: one client of a run per Flower node, running our client round (DP included).
+
+Every message carries the run's configuration from the server; the node's ``node_config`` says which
+client it is (``partition-id``, and ``num-partitions`` must equal ``num_clients``), optionally its
+adapter ``rank``. The client's state (kept tensors, account, noise key and offset, merged base) lives
+in ``context.state`` on the node: the key never leaves it. Replies hold only what the method uploads,
+the loss, the rank and the epsilon spent so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora_ext.data.task import build_task
+from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
+from fedlora_ext.federated.client_state import client_meta, restore_client
+from fedlora_ext.federated.config import FedConfig
+from fedlora_ext.federated.evaluate import evaluate
+from fedlora_ext.federated.privacy import client_privacy
+from fedlora_ext.federated.simulation import partition_clients
+from fedlora_ext.flower.records import config_from_record, from_arrays, to_arrays
+from fedlora_ext.strategies.base import ClientState, GlobalState, make_strategy
+from fedlora_ext.strategies.merging import MergingStrategy, follow_merges
+
+log = logging.getLogger("fedlora_ext.flower")
+
+app = ClientApp()
+
+_STATE = "fedlora.client"  # ConfigRecord: the client's meta (JSON, with its key), the merge marker
+_TENSORS = "fedlora.tensors"  # ArrayRecord: what the client keeps between rounds
+_BASE = "fedlora.base"  # ArrayRecord: its copy of the merged base (FLoRA, FedEx-LoRA)
+
+
+def node_identity(node_config, config: FedConfig) -> tuple[int, int | None]:
+    """(client id, rank or None) from the node's config, checked against the run."""
+    if "partition-id" not in node_config:
+        raise ValueError("node_config: 'partition-id' is missing; start the supernode with "
+                         "--node-config \"partition-id=<k> num-partitions=<num_clients>\"")
+    cid = int(node_config["partition-id"])
+    parts = int(node_config.get("num-partitions", config.num_clients))
+    if parts != config.num_clients or not 0 <= cid < config.num_clients:
+        raise ValueError(f"node_config: partition-id {cid} of num-partitions {parts} does not fit the run's "
+                         f"num_clients = {config.num_clients}")
+    rank = node_config.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"node_config: rank must be an int >= 1, got {rank!r}")
+    return cid, rank
+
+
+class NodeRuntime:
+    """What a node builds once per run and configuration: its data shard, the model bench, the
+    strategy with its shared initial state (seeded exactly as on the server and in the simulator)."""
+
+    def __init__(self, config: FedConfig, cid: int) -> None:
+        self.config, self.cid = config, cid
+        self.strategy = make_strategy(config)
+        torch.manual_seed(config.seed)
+        task = build_task(config.replace(out_dir=None))
+        client, self.train_data, self.test_data = partition_clients(config, self.strategy, task.train)[cid]
+        self.num_examples = client.num_examples
+        self.bench = ModelBench(config, task.model)
+        init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(config.seed, "init"))
+        self.initial = self.strategy.init_state(init)
+
+    def new_client(self) -> ClientState:
+        client = ClientState(cid=self.cid, rank=self.strategy.client_rank(self.config.ranks()[self.cid]),
+                             num_examples=self.num_examples)
+        if self.config.sample_dp:
+            client.privacy = client_privacy(self.config, self.strategy, self.cid, self.num_examples)
+        return client
+
+    def load(self, context: Context) -> tuple[ClientState, dict[str, torch.Tensor], int]:
+        """The client, its merged base and merge marker from the node's state (fresh on first use)."""
+        if _STATE not in context.state:
+            base = {n: w.clone() for n, w in self.initial.base.items()}
+            return self.new_client(), base, 0
+        meta = json.loads(context.state[_STATE]["meta"])
+        client = restore_client(meta, from_arrays(context.state[_TENSORS]))
+        base = from_arrays(context.state[_BASE]) if _BASE in context.state else {}
+        return client, base, int(context.state[_STATE]["merged-through"])
+
+    def save(self, context: Context, client: ClientState, base: dict, merged_through: int) -> None:
+        context.state[_STATE] = ConfigRecord({"meta": json.dumps(client_meta(client, secret=True)),
+                                              "merged-through": merged_through})
+        context.state[_TENSORS] = to_arrays(client.tensors)
+        if base:
+            context.state[_BASE] = to_arrays(base)
+
+    def follow(self, base: dict, payload: dict, merged_through: int) -> int:
+        """Applies the downloaded merges to the node's base (merging methods only)."""
+        if not isinstance(self.strategy, MergingStrategy):
+            return merged_through
+        return follow_merges(base, payload, self.strategy._fan_in_fan_out, merged_through)
+
+
+_RUNTIMES: dict[tuple, NodeRuntime] = {}
+
+
+def runtime(message: Message, context: Context) -> tuple[NodeRuntime, FedConfig]:
+    """The node's runtime for this run and configuration (built once per process)."""
+    config = config_from_record(message.content.config_records.get("config"))
+    cid, rank = node_identity(context.node_config, config)
+    if rank is not None and config.ranks()[cid] != rank:
+        config = config.replace(client_ranks=tuple(rank if c == cid else r for c, r in enumerate(config.ranks())))
+    key = (context.run_id, context.node_id, json.dumps(config.to_dict(), sort_keys=True))
+    if key not in _RUNTIMES:
+        _RUNTIMES.clear()  # one run per node process at a time: drop an earlier run's models
+        _RUNTIMES[key] = NodeRuntime(config, cid)
+    return _RUNTIMES[key], config
+
+
+@app.query()
+def hello(message: Message, context: Context) -> Message:
+    """Who this node is: client id, training examples, rank."""
+    node, config = runtime(message, context)
+    rank = config.ranks()[node.cid]
+    return Message(RecordDict({"node": MetricRecord({"cid": node.cid, "num-examples": node.num_examples,
+                                                     "rank": rank})}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One client round on the downloaded payload; replies with the upload and metrics."""
+    node, config = runtime(message, context)
+    round_index = int(message.content["config"]["round"])
+    payload = from_arrays(message.content["arrays"])
+    client, base, merged_through = node.load(context)
+    merged_through = node.follow(base, payload, merged_through)
+    reply = run_client_round(node.strategy, node.bench, GlobalState(tensors={}, base=base), client, payload,
+                             node.train_data, round_index)
+    node.save(context, client, base, merged_through)
+    metrics = {k: float(v) for k, v in reply.metrics.items()}
+    metrics.update({"num-examples": reply.num_examples, "rank": client.rank})
+    content = RecordDict({"arrays": to_arrays(reply.tensors), "metrics": MetricRecord(metrics)})
+    if client.privacy is not None:  # the account's report (epsilon, delta, sigma, q, steps): never the key
+        content["privacy"] = ConfigRecord(client.privacy.account.report())
+    return Message(content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate_own_model(message: Message, context: Context) -> Message:
+    """The client's own model (kept tensors plus the download) on its own test split."""
+    node, config = runtime(message, context)
+    round_index = int(message.content["config"]["round"])
+    payload = from_arrays(message.content["arrays"])
+    client, base, merged_through = node.load(context)
+    merged_through = node.follow(base, payload, merged_through)
+    scores = {"accuracy": 0.0, "loss": 0.0}
+    if len(node.test_data):
+        model = node.bench.checkout(client.rank, GlobalState(tensors={}, base=base),
+                                    derive_seed(config.seed, "eval", client.cid))
+        node.strategy.prepare(model, client, payload, round_index + 1)
+        scores = evaluate(model, node.test_data)
+    node.save(context, client, base, merged_through)
+    return Message(RecordDict({"metrics": MetricRecord({"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"]),
+                                                        "num-examples": len(node.test_data)})}), reply_to=message)

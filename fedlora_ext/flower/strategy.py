@@ -1,0 +1,276 @@
+"""Our methods as a Flower strategy (Message API): configure and aggregate delegate to the registry.
+
+The server side of a run is the simulator's: the same :class:`~fedlora_ext.federated.server.Server`
+(sampling, download, byte ledger, update checks, aggregation, DP-FedAvg) over the same strategy, so
+a deployment with the same seeds ends with the same adapter. Flower carries the messages.
+
+Before round 1 the strategy waits for ``num_clients`` nodes and asks each (a QUERY message) for its
+client id, training examples and rank; a node's ``node_config`` (``partition-id``, ``rank``) decides
+them, so heterogeneous ranks are set per node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
+
+from fedlora_ext.data.task import build_task
+from fedlora_ext.federated import adapters
+from fedlora_ext.federated.client import ModelBench, derive_seed
+from fedlora_ext.federated.config import FedConfig
+from fedlora_ext.federated.evaluate import evaluate
+from fedlora_ext.federated.privacy import ServerPrivacy, privacy_report
+from fedlora_ext.federated.server import Server
+from fedlora_ext.federated.simulation import check_private_model, privacy_metrics, round_metrics, save_adapter
+from fedlora_ext.federated.validation import RejectedUpdate
+from fedlora_ext.flower.records import config_record, from_arrays, to_arrays
+from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, make_strategy
+
+log = logging.getLogger("fedlora_ext.flower")
+
+
+class FlowerRunError(RuntimeError):
+    """The run cannot go on (too few nodes or valid replies); what was aggregated is saved."""
+
+
+class FedLoRAStrategy(FlowerStrategy):
+    """A Flower strategy running ``config.method`` from our registry.
+
+    Args:
+        config: the run (the nodes receive it with every message and run exactly it).
+        node_timeout: seconds to wait for ``num_clients`` nodes to connect before the first round.
+    """
+
+    def __init__(self, config: FedConfig, *, node_timeout: float = 300.0) -> None:
+        if getattr(make_strategy(config), "pool_clients", False):
+            raise ValueError(f"method {config.method!r} pools every client's data in one place, which a "
+                             "federation cannot do; run it with `fedlora run`")
+        self.config = config
+        self.node_timeout = node_timeout
+        self.nodes: dict[int, int] = {}  # cid -> Flower node id
+        self.clients: list[ClientState] = []
+        self.history: list[dict] = []
+        self.client_reports: dict[str, dict] = {}
+        self.server: Server | None = None
+        self._round: dict = {}
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def connect(self, grid: Grid) -> None:
+        """Waits for the nodes, learns who is who, then builds the server side of the run."""
+        config = self.config
+        deadline = time.monotonic() + self.node_timeout
+        while len(node_ids := list(grid.get_node_ids())) < config.num_clients:
+            if time.monotonic() > deadline:
+                raise FlowerRunError(f"{len(node_ids)} of num_clients = {config.num_clients} nodes connected within "
+                                     f"{self.node_timeout:.0f} s; start more supernodes or lower num_clients")
+            time.sleep(0.5)
+        hello = [Message(RecordDict({"config": config_record(config)}), node_id, MessageType.QUERY)
+                 for node_id in node_ids]
+        replies = list(grid.send_and_receive(hello, timeout=self.node_timeout))
+        found: dict[int, tuple[int, int, int]] = {}
+        for reply in replies:
+            if reply.has_error():
+                raise FlowerRunError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            m = reply.content["node"]
+            cid, n, rank = int(m["cid"]), int(m["num-examples"]), int(m["rank"])
+            if cid in found:
+                raise FlowerRunError(f"nodes {found[cid][0]} and {reply.metadata.src_node_id} both claim partition-id "
+                                     f"{cid}; give every supernode its own --node-config partition-id")
+            found[cid] = (reply.metadata.src_node_id, n, rank)
+        if sorted(found) != list(range(config.num_clients)):
+            raise FlowerRunError(f"nodes hold partitions {sorted(found)}, expected 0..{config.num_clients - 1} "
+                                 f"(num_clients = {config.num_clients})")
+        ranks = tuple(found[c][2] for c in range(config.num_clients))
+        if ranks != config.ranks():  # ranks come from the nodes (node_config "rank")
+            config = config.replace(client_ranks=ranks)
+        self.setup(config, {c: found[c][0] for c in found}, {c: found[c][1] for c in found})
+
+    def setup(self, config: FedConfig, nodes: dict[int, int], num_examples: dict[int, int]) -> None:
+        """The server state of the run: model, initial adapter (seeded as on every node) and clients."""
+        self.config = config
+        strategy = make_strategy(config)
+        torch.manual_seed(config.seed)
+        task = build_task(config.replace(out_dir=None))
+        self.test_data = task.test
+        self.bench = ModelBench(config, task.model)
+        init = self.bench.checkout(strategy.global_rank(), GlobalState(tensors={}), derive_seed(config.seed, "init"))
+        if config.sample_dp:
+            check_private_model(config, strategy, init)
+        privacy = ServerPrivacy(config, strategy, config.num_clients) if config.server_dp else None
+        self.server = Server(strategy, strategy.init_state(init), config.seed, privacy, self.bench.template)
+        self.nodes = dict(nodes)
+        self.clients = [ClientState(cid=c, rank=strategy.client_rank(config.ranks()[c]), num_examples=num_examples[c])
+                        for c in sorted(nodes)]
+        out = self.out_dir
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            (out / "metrics.jsonl").write_text("")
+
+    @property
+    def strategy(self):
+        return self.server.strategy
+
+    @property
+    def state(self) -> GlobalState:
+        return self.server.state
+
+    @property
+    def out_dir(self) -> Path | None:
+        return Path(self.config.out_dir) if self.config.out_dir else None
+
+    def global_arrays(self) -> ArrayRecord:
+        return to_arrays(self.strategy.global_tensors(self.state))
+
+    def _message(self, client: ClientState, kind: str, round_index: int, payload) -> Message:
+        content = RecordDict({"arrays": to_arrays(payload), "config": config_record(self.config, round=round_index)})
+        return Message(content, self.nodes[client.cid], kind)
+
+    # ---- training --------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        round_index = server_round - 1
+        self.server.start_round()
+        sampled = self.server.sample(round_index, self.clients)
+        self._round = {"index": round_index, "sampled": sampled, "started": time.perf_counter()}
+        log.info("round %d: training on clients %s", server_round, [c.cid for c in sampled])
+        return [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_index = self._round["index"]
+        by_node = {self.nodes[c.cid]: c for c in self._round["sampled"]}
+        accepted, failed = [], {}
+        for message in replies:
+            client = by_node.get(message.metadata.src_node_id)
+            if client is None:
+                log.warning("round %d: a reply from unknown node %s is ignored", server_round, message.metadata.src_node_id)
+                continue
+            reply, reason = self._accept(message, client, round_index)
+            if reply is not None:
+                accepted.append(reply)
+            else:
+                failed[str(client.cid)] = reason
+        for client in self._round["sampled"]:  # no reply at all: the round timed out on it
+            if str(client.cid) not in failed and all(r.cid != client.cid for r in accepted):
+                failed[str(client.cid)] = f"client {client.cid}: no reply within the round's timeout"
+                log.warning("round %d: %s", server_round, failed[str(client.cid)])
+        needed = min(self.config.min_clients, len(self._round["sampled"]))
+        if len(accepted) < needed:
+            self._finish_partial(round_index, failed)
+            raise FlowerRunError(
+                f"round {server_round}: {len(accepted)} valid replies from {len(self._round['sampled'])} sampled clients, "
+                f"fewer than min_clients = {self.config.min_clients}; stopping. Failures: {failed}. "
+                f"Rounds 1..{round_index} are saved" + (f" in {self.out_dir}" if self.out_dir else ""))
+        accepted.sort(key=lambda r: r.cid)  # replies arrive in any order; sums must not depend on it
+        trained = time.perf_counter()
+        if accepted or self.server.privacy is not None:
+            self.server.aggregate(accepted, round_index, self.clients)
+        metrics = round_metrics(round_index, accepted, self.server.ledger)
+        if failed:
+            metrics["failed"] = failed
+        metrics.update(privacy_metrics(self.config, accepted, self.clients, self.server.privacy))
+        metrics.update(seconds_train=trained - self._round["started"],
+                       seconds_aggregate=time.perf_counter() - trained)
+        self._round["metrics"] = metrics
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        return self.global_arrays(), MetricRecord(scalars)
+
+    def _accept(self, message: Message, client: ClientState, round_index: int) -> tuple[Reply | None, str | None]:
+        """Decodes and checks one reply: (the reply, None), or (None, why it is refused)."""
+        if message.has_error():
+            reason = f"client {client.cid}: the node failed: {message.error.reason}"
+            log.warning("round %d: %s", round_index + 1, reason)
+            return None, reason
+        try:
+            content = message.content
+            tensors = from_arrays(content.array_records.get("arrays"))
+            stats = content.metric_records.get("metrics")
+            if stats is None or "loss" not in stats:
+                raise RejectedUpdate("the reply has no MetricRecord 'metrics' with the loss")
+        except RejectedUpdate as error:
+            reason = f"client {client.cid}, round {round_index + 1}: update rejected: {error}"
+            log.warning(reason)
+            return None, reason
+        metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        reply = Reply(cid=client.cid, num_examples=client.num_examples, tensors=tensors, metrics=metrics)
+        reason = self.server.receive(reply, client, round_index)
+        if reason is not None:
+            return None, reason
+        client.info["last_round"] = round_index  # the client holds what it trained (LoRA-A2, FLoRA)
+        new_rank = int(metrics.get("rank", client.rank))
+        if 1 <= new_rank <= client.rank:  # HetLoRA prunes a client's rank; it never grows
+            client.rank = new_rank
+        if "epsilon" in metrics:
+            client.info["epsilon"] = metrics["epsilon"]
+        if "privacy" in content.config_records:
+            self.client_reports[str(client.cid)] = dict(content.config_records["privacy"])
+        return reply, None
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Personalised methods (and ``personal_eval``): every client evaluates its own model."""
+        if not (self.strategy.personalised or self.config.personal_eval):
+            return []
+        round_index = server_round - 1
+        return [self._message(c, MessageType.EVALUATE, round_index, self.strategy.download(self.state, c, round_index))
+                for c in self.clients]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Global evaluation on the server's test split, the clients' scores, and the round's record."""
+        metrics = self._round.pop("metrics")
+        started = time.perf_counter()
+        if self.strategy.global_model:
+            scores = evaluate(self.global_model(), self.test_data, self.config.batch_size * 4)
+            metrics.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"])
+        personal = [r.content["metrics"] for r in replies if not r.has_error() and "metrics" in r.content]
+        personal = [m for m in personal if m["num-examples"] > 0]
+        if personal:
+            metrics["personal_accuracy"] = float(np.mean([m["accuracy"] for m in personal]))
+            metrics["personal_loss"] = float(np.mean([m["loss"] for m in personal]))
+        metrics["seconds_eval"] = time.perf_counter() - started
+        metrics["seconds"] = time.perf_counter() - self._round["started"]
+        self._record(metrics)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if k.startswith(("test_", "personal_"))})
+
+    def global_model(self):
+        """The server's model: global tensors (and merged base) at the global rank."""
+        model = self.bench.checkout(self.strategy.global_rank(), self.state, derive_seed(self.config.seed, "eval"))
+        adapters.write_tensors(model, self.strategy.global_tensors(self.state))
+        return model
+
+    # ---- records ---------------------------------------------------------------------------------
+    def _record(self, metrics: dict) -> None:
+        """Appends the round to the history and, with an ``out_dir``, to metrics.jsonl and the adapter."""
+        self.history.append(metrics)
+        log.info("round %d: %s", metrics["round"], {k: v for k, v in metrics.items() if "accuracy" in k or k == "clients"})
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            save_adapter(self.out_dir / "adapter.safetensors", self.strategy, self.state, self.bench.pristine_base())
+
+    def _finish_partial(self, round_index: int, failed: dict) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"round": round_index + 1, "stopped": True, "failed": failed}) + "\n")
+        self.finish()
+
+    def finish(self) -> dict:
+        """The privacy report (and privacy.json); the adapter is already saved after the last round."""
+        report = privacy_report(self.clients, self.server.privacy, self.client_reports or None)
+        if self.out_dir is not None and report:
+            (self.out_dir / "privacy.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    def summary(self) -> None:
+        log.info("fedlora %s: %d clients, rank(s) %s, %d rounds, min_clients %d", self.config.method,
+                 self.config.num_clients, list(self.config.ranks()), self.config.rounds, self.config.min_clients)
