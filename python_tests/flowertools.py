@@ -20,7 +20,7 @@ class InMemoryGrid(Grid):
         self.contexts = {nid: Context(run_id=7, node_id=nid, node_config=dict(cfg), state=RecordDict(), run_config={})
                          for nid, cfg in node_configs.items()}
         self.dead: set[int] = set()
-        self.tamper = None  # (node_id, reply) -> reply: a misbehaving client
+        self.tamper = None  # (node_id, reply, message) -> reply: a misbehaving client
         self.sent: list[Message] = []
 
     def set_run(self, run) -> None:  # pragma: no cover - not used in process
@@ -48,17 +48,20 @@ class InMemoryGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # what the SuperLink's push does
             self.sent.append(message)
             node = message.metadata.dst_node_id
-            if node in self.dead:
-                replies.append(Message(Error(code=1, reason="node offline"), reply_to=message))
+            if node in self.dead:  # as the SuperLink answers for a node that missed its heartbeats
+                error = Message(Error(code=5, reason="node offline"), reply_to=message)
+                error.metadata.__dict__["_src_node_id"] = SERVER_NODE
+                replies.append(error)
                 continue
             try:
                 reply = self.client_app(message, self.contexts[node])
             except Exception as error:  # what Flower returns for a ClientApp exception
                 reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
             if self.tamper is not None:
-                reply = self.tamper(node, reply)
+                reply = self.tamper(node, reply, message)
             if reply is not None:
                 replies.append(reply)
         return replies

@@ -2,8 +2,9 @@
 
 ``preset`` names the starting point (default ``"default"``), ``config`` a TOML file of FedConfig keys;
 any other FedConfig key overrides it (``-`` and ``_`` alike). Flower's values are scalars, so a tuple
-is written ``"8,4,2"`` and an unset value ``""`` (``dirichlet_alpha = "iid"``). ``node-timeout`` and
-``round-timeout`` are seconds to wait for the nodes and for a round's replies.
+is written ``"8,4,2"``, ``""`` keeps the preset's value (the app declares every key that way, as
+Flower only accepts declared keys) and ``"none"`` unsets one (``dirichlet_alpha = "iid"`` too).
+``node-timeout`` and ``round-timeout`` are seconds to wait for the nodes and for a round's replies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ OPTIONS = {"node-timeout": 300.0, "round-timeout": 600.0}
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, dict[str, float]]:
     """(the run's FedConfig, the Flower options) from a run config; unknown keys are an error."""
-    values = {k.replace("-", "_"): v for k, v in run_config.items()}
+    values = {k.replace("-", "_"): v for k, v in run_config.items() if v != ""}
     options = {k: float(values.pop(k.replace("-", "_"), v)) for k, v in OPTIONS.items()}
     base = preset(str(values.pop("preset", "default")))
     path = values.pop("config", "")
@@ -36,7 +37,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, di
         if annotation.startswith("tuple[") and isinstance(value, str):
             kind = int if annotation.startswith("tuple[int") else str
             value = tuple(kind(v.strip()) for v in value.split(",") if v.strip())
-        elif "None" in annotation and value in ("", "none", "None"):
+        elif "None" in annotation and value in ("none", "None"):
             value = None
         changes[key] = value
     values = {**base.to_dict(), **changes}

@@ -76,16 +76,20 @@ class FedLoRAStrategy(FlowerStrategy):
         hello = [Message(RecordDict({"config": config_record(config)}), node_id, MessageType.QUERY)
                  for node_id in node_ids]
         replies = list(grid.send_and_receive(hello, timeout=self.node_timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
         found: dict[int, tuple[int, int, int]] = {}
         for reply in replies:
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                raise FlowerRunError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+                raise FlowerRunError(f"node {node} failed to start: {reply.error.reason}")
             m = reply.content["node"]
             cid, n, rank = int(m["cid"]), int(m["num-examples"]), int(m["rank"])
             if cid in found:
-                raise FlowerRunError(f"nodes {found[cid][0]} and {reply.metadata.src_node_id} both claim partition-id "
+                raise FlowerRunError(f"nodes {found[cid][0]} and {node} both claim partition-id "
                                      f"{cid}; give every supernode its own --node-config partition-id")
-            found[cid] = (reply.metadata.src_node_id, n, rank)
+            found[cid] = (node, n, rank)
+        if len(found) < len(node_ids):
+            raise FlowerRunError(f"{len(found)} of {len(node_ids)} nodes answered within {self.node_timeout:.0f} s")
         if sorted(found) != list(range(config.num_clients)):
             raise FlowerRunError(f"nodes hold partitions {sorted(found)}, expected 0..{config.num_clients - 1} "
                                  f"(num_clients = {config.num_clients})")
@@ -143,16 +147,20 @@ class FedLoRAStrategy(FlowerStrategy):
         sampled = self.server.sample(round_index, self.clients)
         self._round = {"index": round_index, "sampled": sampled, "started": time.perf_counter()}
         log.info("round %d: training on clients %s", server_round, [c.cid for c in sampled])
-        return [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
+        messages = [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
+        self._round["messages"] = list(zip(messages, sampled))
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_index = self._round["index"]
-        by_node = {self.nodes[c.cid]: c for c in self._round["sampled"]}
+        # a reply names the message it answers; the SuperLink's error for a lost node comes from itself
+        sent = {message.metadata.message_id: client for message, client in self._round["messages"]}
         accepted, failed = [], {}
         for message in replies:
-            client = by_node.get(message.metadata.src_node_id)
-            if client is None:
-                log.warning("round %d: a reply from unknown node %s is ignored", server_round, message.metadata.src_node_id)
+            client = sent.get(message.metadata.reply_to_message_id)
+            if client is None or (client.cid in {r.cid for r in accepted} or str(client.cid) in failed):
+                log.warning("round %d: a reply to no message of this round (from node %s) is ignored",
+                            server_round, message.metadata.src_node_id)
                 continue
             reply, reason = self._accept(message, client, round_index)
             if reply is not None:

@@ -1,0 +1,153 @@
+"""A real local Flower deployment: one flower-superlink and three flower-supernode processes on
+127.0.0.1 (--insecure), `flwr run apps/fedlora`, and the final adapter compared bit for bit with the
+in-process simulator's. Every process is started in its own session and stopped by its id.
+
+Flower starts a fresh ClientApp process per message (about 10 s a round on 2 cores), so each run is
+two rounds of a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+if shutil.which("flower-superlink") is None or shutil.which("flwr") is None:  # pragma: no cover
+    pytest.skip("Flower's command-line tools are not on PATH", allow_module_level=True)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedlora_ext.federated.simulation import simulate  # noqa: E402
+from fedlora_ext.flower.run_config import config_from_run_config  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "fedlora"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Deployment:
+    """A SuperLink and supernodes as child processes, each in its own session (its process group
+    holds the SuperExec and ClientApp processes it starts), stopped by id."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "flwr_home"
+        self.home.mkdir(parents=True)
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "w")
+        self.processes[name] = subprocess.Popen(args, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+
+    def start(self, node_configs: list[str]) -> None:
+        self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--database", str(self.root / "state.db"), "--disable-runtime-dependency-installation"])
+        self._wait_healthy(self.port, "superlink")
+        for i, node_config in enumerate(node_configs):
+            self._start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                          "--port", str(free_port()), "--node-config", node_config])
+
+    def _wait_healthy(self, port: int, name: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {(self.root / f'{name}.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"{name} not healthy after {timeout} s")
+
+    def run(self, run_config: dict, timeout: float = 420.0) -> subprocess.CompletedProcess:
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        return subprocess.run(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides],
+                              env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        for process in self.processes.values():  # by id: the process group each child leads
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+            try:  # the SuperExec and ClientApp processes it started
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.stop()
+
+
+RUNS = {
+    # FFA-LoRA with DP-SGD (a fixed noise seed, so the simulator can repeat the noise)
+    "ffa_lora_dp": ({"method": "ffa_lora", "rank": 4, "dp-epsilon": 8.0, "dp-noise-seed": 5}, [None, None, None]),
+    # FLoRA without DP, each node with its own rank from its node_config
+    "flora_heterogeneous": ({"method": "flora", "rank": 8, "dp-epsilon": "none"}, [8, 4, 2]),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNS))
+def test_deployment_matches_the_simulator(case, deployment, tmp_path):
+    overrides, ranks = RUNS[case]
+    out = tmp_path / "run"
+    run_config = {"preset": "default", "model": "tiny-bert", "dataset": "synthetic", "num-examples": 96,
+                  "num-clients": 3, "rounds": 2, "local-steps": 2, "batch-size": 16, "seq-len": 16, "lr": 5e-3,
+                  "max-examples": "none", "out-dir": str(out), "node-timeout": 120.0, "round-timeout": 240.0,
+                  **overrides}
+    nodes = [f"partition-id={i} num-partitions=3" + (f" rank={r}" if r else "") for i, r in enumerate(ranks)]
+    deployment.start(nodes)
+    started = time.monotonic()
+    result = deployment.run(run_config)
+    summary_file = out / "summary.json"
+    assert result.returncode == 0 and summary_file.exists(), result.stdout[-3000:] + deployment.logs()
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2, summary
+    print(f"{case}: flwr run took {time.monotonic() - started:.1f} s")
+
+    config, _ = config_from_run_config(run_config)
+    if any(ranks):
+        config = config.replace(client_ranks=tuple(ranks))
+    reference = tmp_path / "simulated"
+    simulate(config.replace(out_dir=str(reference)), progress=False)
+    ours, theirs = load_file(str(out / "adapter.safetensors")), load_file(str(reference / "adapter.safetensors"))
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    flower_metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    simulated = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    for f, s in zip(flower_metrics, simulated, strict=True):
+        for key in ("clients", "bytes_up", "bytes_down", "test_accuracy", "epsilon_max"):
+            assert f.get(key) == s.get(key), key
