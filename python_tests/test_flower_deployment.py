@@ -8,6 +8,7 @@ two rounds of a tiny model.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -100,6 +101,17 @@ class Deployment:
             except ProcessLookupError:
                 pass
 
+    def stop_detached(self) -> None:
+        """Processes that outlive the CLI which started them (the simulation engine's local SuperLink):
+        found by our FLWR_HOME in their environment, stopped by id."""
+        marker = f"FLWR_HOME={self.home}".encode()
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
 
@@ -109,6 +121,7 @@ def deployment(tmp_path):
     d = Deployment(tmp_path)
     yield d
     d.stop()
+    d.stop_detached()
 
 
 RUNS = {
@@ -119,28 +132,19 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("case", list(RUNS))
-def test_deployment_matches_the_simulator(case, deployment, tmp_path):
-    overrides, ranks = RUNS[case]
-    out = tmp_path / "run"
-    run_config = {"preset": "default", "model": "tiny-bert", "dataset": "synthetic", "num-examples": 96,
-                  "num-clients": 3, "rounds": 2, "local-steps": 2, "batch-size": 16, "seq-len": 16, "lr": 5e-3,
-                  "max-examples": "none", "out-dir": str(out), "node-timeout": 120.0, "round-timeout": 240.0,
-                  **overrides}
-    nodes = [f"partition-id={i} num-partitions=3" + (f" rank={r}" if r else "") for i, r in enumerate(ranks)]
-    deployment.start(nodes)
-    started = time.monotonic()
-    result = deployment.run(run_config)
-    summary_file = out / "summary.json"
-    assert result.returncode == 0 and summary_file.exists(), result.stdout[-3000:] + deployment.logs()
-    summary = json.loads(summary_file.read_text())
-    assert summary["status"] == "completed" and summary["rounds"] == 2, summary
-    print(f"{case}: flwr run took {time.monotonic() - started:.1f} s")
+def small_run(out: Path, **overrides) -> dict:
+    return {"preset": "default", "model": "tiny-bert", "dataset": "synthetic", "num-examples": 96,
+            "num-clients": 3, "rounds": 2, "local-steps": 2, "batch-size": 16, "seq-len": 16, "lr": 5e-3,
+            "max-examples": "none", "out-dir": str(out), "node-timeout": 120.0, "round-timeout": 240.0, **overrides}
 
+
+def assert_matches_simulator(run_config: dict, out: Path, reference: Path, ranks=()) -> None:
+    """The run's summary says completed, and its adapter and metrics are the simulator's."""
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == run_config["rounds"], summary
     config, _ = config_from_run_config(run_config)
     if any(ranks):
         config = config.replace(client_ranks=tuple(ranks))
-    reference = tmp_path / "simulated"
     simulate(config.replace(out_dir=str(reference)), progress=False)
     ours, theirs = load_file(str(out / "adapter.safetensors")), load_file(str(reference / "adapter.safetensors"))
     assert ours.keys() == theirs.keys() and ours
@@ -151,3 +155,31 @@ def test_deployment_matches_the_simulator(case, deployment, tmp_path):
     for f, s in zip(flower_metrics, simulated, strict=True):
         for key in ("clients", "bytes_up", "bytes_down", "test_accuracy", "epsilon_max"):
             assert f.get(key) == s.get(key), key
+
+
+@pytest.mark.parametrize("case", list(RUNS))
+def test_deployment_matches_the_simulator(case, deployment, tmp_path):
+    overrides, ranks = RUNS[case]
+    out = tmp_path / "run"
+    run_config = small_run(out, **overrides)
+    deployment.start([f"partition-id={i} num-partitions=3" + (f" rank={r}" if r else "") for i, r in enumerate(ranks)])
+    started = time.monotonic()
+    result = deployment.run(run_config)
+    assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + deployment.logs()
+    print(f"{case}: flwr run took {time.monotonic() - started:.1f} s")
+    assert_matches_simulator(run_config, out, tmp_path / "simulated", ranks)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
+    """The same app on Flower's simulation engine (a `:local:` connection, Ray): FFA-LoRA with DP-SGD."""
+    (deployment.home / "config.toml").write_text(
+        '[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = ":local:"\noptions.num-supernodes = 3\n')
+    deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    out = tmp_path / "run"
+    run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "dp-noise-seed": 5})
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    result = subprocess.run(["flwr", "run", str(APP), "sim", "--stream", "--run-config", overrides], env=deployment.env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    assert_matches_simulator(run_config, out, tmp_path / "simulated")
