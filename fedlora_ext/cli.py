@@ -72,6 +72,13 @@ _OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "round
 def _run(args: argparse.Namespace) -> int:
     from fedlora_ext.jobs import run_job
 
+    if args.resume:  # the run's own configuration: any other flag would change what is being continued
+        given = [f"--{a.replace('_', '-')}" for a in (*_OVERRIDES, "config", "set", "no_dp", "iid")
+                 if getattr(args, a, None) not in (None, False, [])]
+        if given:
+            raise ValueError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
+        run_job(None, resume=args.resume, progress=not args.quiet)
+        return 0
     run_job(_config(args), progress=not args.quiet)
     return 0
 
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the main job: federated fine-tuning with a report (default: MiniLM on "
                                           "BBC News, FFA-LoRA with DP-SGD)")
     _add_job_flags(run, "default")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint (every round "
+                                                         "is checkpointed in the run folder)")
     run.set_defaults(handler=_run)
 
     compare = commands.add_parser("compare", help="compare methods / DP / label skew / ranks on one partition")

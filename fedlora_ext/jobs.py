@@ -60,18 +60,25 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     return "  ".join(parts)
 
 
-def run_job(config: FedConfig, *, progress: bool = True, echo=print) -> dict:
+def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print) -> dict:
     """One federated run: prints a line per round and a summary, writes the run folder (config,
-    metrics.jsonl, adapter.safetensors, privacy.json when private, plot.png). Returns the summary."""
+    metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png).
+    ``resume`` continues the run in that folder from its last checkpoint. Returns the summary."""
     from fedlora_ext.federated.privacy import format_report
     from fedlora_ext.federated.simulation import Simulation
 
     quiet_libraries()
     started = time.perf_counter()
-    config = config if config.out_dir else config.replace(out_dir=default_out_dir(config))
-    torch.manual_seed(config.seed)
-    simulation = Simulation(config)
-    echo(f"fedlora run: {describe(config, simulation)}")
+    if resume is not None:
+        simulation = Simulation.resume(resume)
+        config = simulation.config
+        echo(f"fedlora run: resuming {resume} after round {simulation.rounds_done} of {config.rounds}: "
+             f"{describe(config, simulation)}")
+    else:
+        config = config if config.out_dir else config.replace(out_dir=default_out_dir(config))
+        torch.manual_seed(config.seed)
+        simulation = Simulation(config)
+        echo(f"fedlora run: {describe(config, simulation)}")
     strategy = simulation.strategy
 
     def on_round(metrics: dict) -> None:

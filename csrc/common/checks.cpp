@@ -37,6 +37,22 @@ bool share_memory(const at::Tensor& a, const at::Tensor& b) {
   return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
 }
 
+// Whether two elements of a 2-D view may share memory. ATen answers only "yes" (a zero stride) or "too
+// hard to tell" for non-dense views such as as_strided ones; decide here: with the dims ordered by
+// stride, the view is disjoint when the larger stride spans a whole run of the smaller one. Interleaved
+// layouts that are disjoint in a subtler way count as overlapping (conservative: clone them).
+static bool overlaps_itself_2d(const at::Tensor& t) {
+  if (t.dim() != 2 || t.numel() <= 1) return false;
+  int64_t s0 = t.stride(0), s1 = t.stride(1), n0 = t.size(0), n1 = t.size(1);
+  if (n0 == 1) return n1 > 1 && s1 == 0;
+  if (n1 == 1) return s0 == 0;
+  if (s0 < s1) {
+    std::swap(s0, s1);
+    std::swap(n0, n1);
+  }
+  return s1 < 1 || s0 < n1 * s1;
+}
+
 void check_finite(const char* op, const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value), "fedlora.", op, ": ", name, " must be finite, got ", value);
 }
@@ -211,9 +227,9 @@ void check_stacked_target(const at::Tensor& W, at::TensorList Bs, at::TensorList
     TORCH_CHECK(W.device() == Bs[0].device(), "fedlora.stacked_delta_: W is on ", W.device(),
                 ", expected ", Bs[0].device(), " like Bs[0]");
   }
-  TORCH_CHECK(at::has_internal_overlap(W) != at::MemOverlap::Yes,
-              "fedlora.stacked_delta_: W has internally overlapping memory (an expanded view); "
-              "clone it first");
+  TORCH_CHECK(!overlaps_itself_2d(W),
+              "fedlora.stacked_delta_: W has internally overlapping memory (an expanded or as_strided view "
+              "with sizes ", W.sizes(), " and strides ", W.strides(), "); clone it first");
   for (size_t k = 0; k < Bs.size(); ++k) {
     TORCH_CHECK(!share_memory(W, Bs[k]),
                 "fedlora.stacked_delta_: W shares memory with Bs[", k, "]; pass a copy");

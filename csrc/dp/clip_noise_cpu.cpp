@@ -88,7 +88,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
   std::vector<float> clip(static_cast<size_t>(B));
   const float* n = norms.const_data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
-    clip[i] = std::min(1.0f, static_cast<float>(max_norm) / (n[i] + 1e-6f));
+    // NaN stays NaN (as in the twin and opacus): std::min(1, NaN) would be 1 and let a poisoned sample
+    // through unclipped, the rest of its coordinates with it.
+    const float c = static_cast<float>(max_norm) / (n[i] + 1e-6f);
+    clip[i] = std::isnan(c) ? c : std::min(1.0f, c);
   }
 
   std::vector<at::Tensor> outs;

@@ -93,7 +93,10 @@ __global__ void norms_kernel(const float* partial,  // [C, B]
   for (int l = 0; l < kNormLanes; ++l) total += lanes[l][threadIdx.x];
   const float n = sqrtf(total);
   norms[i] = n;
-  if (clip != nullptr) clip[i] = fminf(1.0f, max_norm / (n + 1e-6f));  // as opacus computes it
+  if (clip != nullptr) {  // as opacus computes it; NaN stays NaN (fminf would make it 1: unclipped)
+    const float c = max_norm / (n + 1e-6f);
+    clip[i] = isnan(c) ? c : fminf(1.0f, c);
+  }
 }
 
 // Elements e = 4q .. 4q + 3 of the flattened list (one Philox block; they may straddle tensors):

@@ -26,7 +26,8 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
     classification = task == "classification"
     if name not in TINY:
         auto = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
-        kwargs = {"num_labels": num_labels} if classification else {}
+        # safetensors only: a pickled checkpoint (.bin) in a folder someone handed us could run code
+        kwargs = {"num_labels": num_labels, "use_safetensors": True} if classification else {"use_safetensors": True}
         try:
             return auto.from_pretrained(name, **kwargs)
         except OSError as error:  # a missing folder, or a hub id without network

@@ -181,8 +181,10 @@ class LocalTrainer:
 
 
 def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, client: ClientState,
-                     payload: Mapping[str, Tensor], data, round_index: int) -> Reply:
-    """One client's round: prepare, train, upload; updates ``client.tensors`` with what it keeps."""
+                     payload: Mapping[str, Tensor], data, round_index: int,
+                     fault: Callable[[], None] | None = None) -> Reply:
+    """One client's round: prepare, train, upload; updates ``client.tensors`` with what it keeps.
+    ``fault`` is called after local training (tests and failure injection make it raise)."""
     seed = derive_seed(strategy.config.seed, "client", client.cid, round_index)
     model = bench.checkout(client.rank, state, seed)
     strategy.prepare(model, client, payload, round_index)
@@ -193,6 +195,8 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         loss = strategy.local_update(trainer, model, client, round_index)
+    if fault is not None:
+        fault()
     upload = strategy.upload(model, client, start, round_index)
     client.tensors = {n: t.detach().clone() for n, t in strategy.keep(model, client, round_index).items()}
     client.info["last_round"] = round_index

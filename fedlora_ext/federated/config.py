@@ -39,7 +39,17 @@ class FedConfig:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
         batch_size, lr, optimizer (``adamw`` or ``sgd``), fedprox_mu (> 0 adds FedProx's proximal term).
-        min_clients: the fewest valid replies a round may aggregate (Flower: fewer stops the run).
+    Reliability:
+        min_clients: the fewest valid replies a round may aggregate; with fewer, the simulator retries
+            the round with a new sample ``round_retries`` times, then skips it (Flower stops the run).
+        client_failure_rate, client_failure_mode: inject failures into that fraction of the sampled
+            clients each round (seeded): ``exception`` (a crash after training), ``timeout`` (a late
+            reply), ``dropout`` (a lost reply) or ``mixed``. client_timeout: seconds after which a
+            client's reply is discarded (simulator; Flower has its round timeout).
+        max_update_norm: the server rejects an update whose L2 norm (upload minus what the client
+            downloaded, over all tensors) exceeds it. aggregation: ``mean`` (the method's own),
+            ``median`` or ``trimmed_mean`` (coordinate-wise over client deltas, dropping
+            ``trim_fraction`` of the clients at each end) for methods that average uploads.
         dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID (in TOML, which
             has no null: ``dirichlet_alpha = "iid"``). min_client_examples: the smallest shard a
             Dirichlet draw may leave a client (strong skew leaves some with a handful).
@@ -110,6 +120,13 @@ class FedConfig:
     server_dp_clip: float = 1.0
     server_dp_accountant: str = "rdp"
     min_clients: int = 1
+    round_retries: int = 0
+    client_failure_rate: float = 0.0
+    client_failure_mode: str = "mixed"
+    client_timeout: float | None = None
+    max_update_norm: float | None = None
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
     seed: int = 0
     out_dir: str | None = None
 
@@ -148,6 +165,16 @@ class FedConfig:
             (self.min_client_examples >= 1, f"min_client_examples must be >= 1, got {self.min_client_examples}"),
             (1 <= self.min_clients <= self.num_clients,
              f"min_clients must be in [1, num_clients = {self.num_clients}], got {self.min_clients}"),
+            (self.round_retries >= 0, f"round_retries must be >= 0, got {self.round_retries}"),
+            (0 <= self.client_failure_rate < 1, f"client_failure_rate must be in [0, 1), got {self.client_failure_rate}"),
+            (self.client_failure_mode in ("exception", "timeout", "dropout", "mixed"),
+             f"client_failure_mode must be 'exception', 'timeout', 'dropout' or 'mixed', got {self.client_failure_mode!r}"),
+            (self.client_timeout is None or self.client_timeout > 0, f"client_timeout must be > 0 or unset, got {self.client_timeout}"),
+            (self.max_update_norm is None or self.max_update_norm > 0,
+             f"max_update_norm must be > 0 or unset, got {self.max_update_norm}"),
+            (self.aggregation in ("mean", "median", "trimmed_mean"),
+             f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {self.aggregation!r}"),
+            (0 <= self.trim_fraction < 0.5, f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fedlora_ext.federated.client import derive_seed
 from fedlora_ext.federated.comm import CommLedger, payload_bytes
+from fedlora_ext.federated.robust import robust_update, update_norm
 from fedlora_ext.federated.validation import RejectedUpdate
 from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
 
@@ -36,14 +37,17 @@ class Server:
         self.privacy = privacy
         self.template = template  # rank -> the shared tensors of a model at that rank (meta), for checks
         self._trains_at: dict[int, int] = {}  # cid -> the rank it was configured with this round
+        self._sent: dict[int, dict[str, Tensor]] = {}  # cid -> what it downloaded this round
 
-    def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
-        """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one);
-        under DP-FedAvg a Poisson sample (possibly empty) from the server's secret generator."""
+    def sample(self, round_index: int, clients: list[ClientState], attempt: int = 0) -> list[ClientState]:
+        """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one;
+        ``attempt`` > 0 draws a retry's); under DP-FedAvg a Poisson sample (possibly empty) from the
+        server's secret generator, once per round: the analysis allows no second draw."""
         if self.privacy is not None:
-            return self.privacy.sample(round_index, clients)
+            return self.privacy.sample(round_index, clients) if attempt == 0 else []
         k = max(1, int(round(self.strategy.config.participation * len(clients))))
-        rng = np.random.default_rng(derive_seed(self.seed, "sample", round_index))
+        labels = ("sample", round_index) if attempt == 0 else ("sample", round_index, attempt)
+        rng = np.random.default_rng(derive_seed(self.seed, *labels))
         return [clients[i] for i in np.sort(rng.choice(len(clients), size=k, replace=False))]
 
     def start_round(self) -> None:
@@ -53,6 +57,7 @@ class Server:
         """What the client downloads this round (and its bytes, on the ledger)."""
         payload = self.strategy.download(self.state, client, round_index)
         self._trains_at[client.cid] = client.rank  # HetLoRA may lower client.rank once it has trained
+        self._sent[client.cid] = payload
         self.ledger.record("down", client.cid, payload_bytes(payload))
         return payload
 
@@ -65,6 +70,11 @@ class Server:
         try:
             rank = self._trains_at.get(client.cid, client.rank)
             self.strategy.check_upload(reply.tensors, self.template(rank), client, round_index)
+            bound = self.strategy.config.max_update_norm
+            if bound is not None:
+                norm = update_norm(reply.tensors, self._sent.get(client.cid, {}))
+                if norm > bound:
+                    raise RejectedUpdate(f"update norm {norm:.4g} exceeds max_update_norm = {bound:g}")
         except RejectedUpdate as error:
             reason = f"client {reply.cid}, round {round_index + 1}: update rejected: {error}"
             log.warning(reason)
@@ -73,8 +83,14 @@ class Server:
 
     def aggregate(self, replies: list[Reply], round_index: int, clients: list[ClientState]) -> GlobalState:
         """Merges the round's replies into the next global state (DP-FedAvg's noisy mean when private)."""
+        how = self.strategy.config.aggregation
         if self.privacy is not None:
             self.state = self.privacy.aggregate(self.state, replies, round_index)
+        elif how != "mean":  # untrusted clients: a coordinate-wise statistic of the deltas
+            config = self.strategy.config
+            updated = {n: robust_update(self.state.tensors[n], [r.tensors[n] for r in replies], how, config.trim_fraction)
+                       for n in self.strategy.upload_names(self.state, round_index)}
+            self.state = GlobalState(tensors={**self.state.tensors, **updated}, base=self.state.base, info=self.state.info)
         else:
             self.state = self.strategy.aggregate(self.state, replies, round_index)
         self.strategy.end_round(self.state, clients)

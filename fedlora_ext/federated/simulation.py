@@ -8,6 +8,7 @@ global adapter (``adapter.safetensors``) and, for a private run, ``privacy.json`
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from fedlora_ext.data.task import build_task
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.federated import adapters
+from fedlora_ext.federated.checkpoint import read_checkpoint, restore, save_checkpoint, write_atomic
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.config import FedConfig
@@ -29,6 +31,8 @@ from fedlora_ext.federated.server import Server
 # From the base module, not the package: ``import fedlora_ext.strategies`` imports the strategies, which
 # import ``fedlora_ext.federated`` (adapters) and so this module while the package is half initialised.
 from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, make_strategy
+
+log = logging.getLogger("fedlora_ext.simulation")
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Simulation:
         server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
         self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template)
         self.history: list[dict] = []
+        self.rounds_done = 0
 
     @property
     def state(self) -> GlobalState:
@@ -95,39 +100,89 @@ class Simulation:
         return self.server.sample(round_index, self.clients)
 
     def step(self, round_index: int, progress=None) -> dict:
-        """One round: download, local training, upload, aggregation, evaluation; returns its metrics."""
+        """One round: download, local training, upload, checks, aggregation, evaluation; its metrics.
+
+        Clients that fail (an exception, a late or a lost reply: real or injected by
+        ``client_failure_rate``) are left out; the round aggregates the rest when at least
+        ``min_clients`` of those sampled replied validly (FedAvg weights renormalise over them), else it
+        is retried with a fresh sample (``round_retries``) or skipped. A client that trained has spent
+        its privacy whether or not its update arrived."""
         started = time.perf_counter()
         self.server.start_round()
-        replies, rejected = [], {}
-        for client in self.participants(round_index):
+        failed: dict[str, str] = {}
+        for attempt in range(self.config.round_retries + 1):
+            sampled = self.server.sample(round_index, self.clients, attempt)
+            replies, trained = self._train_clients(round_index, sampled, attempt, failed, progress)
+            needed = min(self.config.min_clients, len(sampled))
+            if len(replies) >= needed:
+                break
+            reason = (f"round {round_index + 1}: {len(replies)} valid replies from {len(sampled)} sampled clients, "
+                      f"fewer than min_clients = {self.config.min_clients}")
+            log.warning("%s; %s", reason, "retrying with a new sample" if attempt < self.config.round_retries
+                        else "skipping the round (the global state is unchanged)")
+        trained_at = time.perf_counter()
+        skipped = len(replies) < needed
+        if not skipped and (replies or self.server.privacy is not None):  # DP-FedAvg noises empty rounds
+            self.server.aggregate(replies, round_index, self.clients)
+        aggregated = time.perf_counter()
+        metrics = round_metrics(round_index, replies, self.ledger)
+        if failed:
+            metrics["failed"] = failed
+        if skipped:
+            metrics["skipped"] = reason
+        metrics.update(self.privacy_metrics(trained))
+        metrics.update(self.evaluate(round_index))
+        finished = time.perf_counter()
+        metrics.update(seconds=finished - started, seconds_train=trained_at - started,
+                       seconds_dp=sum(r.metrics.get("dp_seconds", 0.0) for r in replies),
+                       seconds_aggregate=aggregated - trained_at, seconds_eval=finished - aggregated)
+        self.history.append(metrics)
+        return metrics
+
+    def _train_clients(self, round_index: int, sampled: list[ClientState], attempt: int, failed: dict, progress):
+        """The sampled clients' rounds: (valid replies, clients that trained); failures go to ``failed``."""
+        faults = injected_faults(self.config, round_index, attempt, [c.cid for c in sampled])
+        replies, trained = [], []
+        for client in sampled:
             payload = self.server.configure(client, round_index)
-            reply = run_client_round(self.strategy, self.bench, self.state, client, payload,
-                                     self.client_data[client.cid][0], round_index)
+            fault = faults.get(client.cid)
+            started = time.perf_counter()
+            try:
+                reply = run_client_round(self.strategy, self.bench, self.state, client, payload,
+                                         self.client_data[client.cid][0], round_index,
+                                         fault=_raise_injected if fault == "exception" else None)
+            except Exception as error:  # a failing client must not take the round down with it
+                failed[str(client.cid)] = f"client {client.cid}: {type(error).__name__}: {error}"
+                log.warning("round %d: %s", round_index + 1, failed[str(client.cid)])
+                trained.append(client)
+                continue
+            finally:
+                if progress is not None:
+                    progress.update(1)
+            trained.append(client)
+            elapsed = time.perf_counter() - started
+            timeout = self.config.client_timeout
+            if fault in ("timeout", "dropout") or (timeout is not None and elapsed > timeout):
+                failed[str(client.cid)] = f"client {client.cid}: " + (
+                    "reply lost (dropped out, injected)" if fault == "dropout" else
+                    "reply too late (injected timeout)" if fault == "timeout" else
+                    f"no reply within client_timeout = {timeout} s (took {elapsed:.2f} s)")
+                log.warning("round %d: %s", round_index + 1, failed[str(client.cid)])
+                continue
             reason = self.server.receive(reply, client, round_index)
             if reason is None:
                 replies.append(reply)
             else:
-                rejected[str(client.cid)] = reason
-            if progress is not None:
-                progress.update(1)
-        trained = time.perf_counter()
-        if replies or self.server.privacy is not None:  # DP-FedAvg noises even an empty round
-            self.server.aggregate(replies, round_index, self.clients)
-        aggregated = time.perf_counter()
-        metrics = round_metrics(round_index, replies, self.ledger)
-        if rejected:
-            metrics["rejected"] = rejected
-        metrics.update(self.privacy_metrics(replies))
-        metrics.update(self.evaluate(round_index))
-        finished = time.perf_counter()
-        metrics.update(seconds=finished - started, seconds_train=trained - started,
-                       seconds_dp=sum(r.metrics.get("dp_seconds", 0.0) for r in replies),
-                       seconds_aggregate=aggregated - trained, seconds_eval=finished - aggregated)
-        self.history.append(metrics)
-        return metrics
+                failed[str(client.cid)] = reason
+        return replies, trained
 
-    def privacy_metrics(self, replies) -> dict:
-        return privacy_metrics(self.config, replies, self.clients, self.server.privacy)
+    def privacy_metrics(self, trained: list[ClientState]) -> dict:
+        """Epsilon of every client that trained this round (its update delivered or not)."""
+        epsilons = {}
+        for client in trained:
+            if client.privacy is not None:
+                epsilons[str(client.cid)] = client.info["epsilon"] = client.privacy.account.epsilon()
+        return privacy_metrics(self.config, epsilons, self.clients, self.server.privacy)
 
     def privacy_report(self) -> dict:
         return privacy_report(self.clients, self.server.privacy)
@@ -158,14 +213,17 @@ class Simulation:
         return results
 
     def run(self, progress: bool = True, on_round: Callable[[dict], None] | None = None) -> SimulationResult:
-        """All rounds; ``on_round(metrics)`` is called after each (the CLI prints a line there)."""
+        """The remaining rounds; ``on_round(metrics)`` is called after each (the CLI prints a line).
+        With an ``out_dir`` every round is appended to metrics.jsonl and checkpointed."""
         out_dir = Path(self.config.out_dir) if self.config.out_dir else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
-            metrics_file = open(out_dir / "metrics.jsonl", "w")
+            # a resumed run rewrites the rounds it has (a killed run may have logged one more)
+            write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history).encode())
+            metrics_file = open(out_dir / "metrics.jsonl", "a")
         try:
-            for round_index in range(self.config.rounds):
+            for round_index in range(self.rounds_done, self.config.rounds):
                 bar = _progress_bar(progress, round_index, self.config.rounds, len(self.participants(round_index)))
                 metrics = self.step(round_index, bar)
                 if bar is not None:
@@ -177,6 +235,8 @@ class Simulation:
                 if out_dir is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
+                    save_checkpoint(self, round_index + 1, out_dir)
+                self.rounds_done = round_index + 1
         finally:
             if out_dir is not None:
                 metrics_file.close()
@@ -187,8 +247,41 @@ class Simulation:
                 (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
         return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy, privacy)
 
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> Simulation:
+        """A run rebuilt from its folder's last checkpoint; ``run()`` continues with the next round.
+        Everything is rebuilt from the configuration and seeds as at the start, then the checkpointed
+        state replaces what the rounds changed, so the rest of the run is the uninterrupted run's."""
+        index, tensors = read_checkpoint(run_dir)
+        config = FedConfig.from_dict({**index["config"], "out_dir": str(run_dir)})
+        torch.manual_seed(config.seed)
+        sim = cls(config)
+        sim.rounds_done = restore(sim, index, tensors, Path(run_dir))
+        return sim
+
     def save_adapter(self, path: Path) -> None:
         save_adapter(path, self.strategy, self.state, self.bench.pristine_base())
+
+
+FAULTS = ("exception", "timeout", "dropout")
+
+
+def injected_faults(config: FedConfig, round_index: int, attempt: int, cids: list[int]) -> dict[int, str]:
+    """The sampled clients that fail this round and how (seeded: a resumed run injects the same)."""
+    if config.client_failure_rate == 0 or not cids:
+        return {}
+    rng = np.random.default_rng(derive_seed(config.seed, "faults", round_index, attempt))
+    failing = rng.random(len(cids)) < config.client_failure_rate
+    modes = rng.choice(FAULTS, size=len(cids)) if config.client_failure_mode == "mixed" else [config.client_failure_mode] * len(cids)
+    return {cid: str(mode) for cid, fail, mode in zip(cids, failing, modes) if fail}
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``client_failure_rate`` injects: the client crashes after training, before replying."""
+
+
+def _raise_injected() -> None:
+    raise InjectedFault("injected crash after local training")
 
 
 def check_private_model(config: FedConfig, strategy: Strategy, model) -> None:
@@ -210,11 +303,11 @@ def round_metrics(round_index: int, replies: list, ledger: CommLedger) -> dict:
             "bytes_up": ledger.round_total("up"), "bytes_down": ledger.round_total("down")}
 
 
-def privacy_metrics(config: FedConfig, replies: list, clients: list[ClientState], server_privacy) -> dict:
+def privacy_metrics(config: FedConfig, epsilons: dict[str, float], clients: list[ClientState], server_privacy) -> dict:
     """Epsilon spent so far by each client of the round, the maximum over all clients, the server's."""
     out = {}
     if config.sample_dp:
-        out["epsilon"] = {str(r.cid): r.metrics["epsilon"] for r in replies}
+        out["epsilon"] = epsilons
         out["epsilon_max"] = max(c.info.get("epsilon", 0.0) for c in clients)
     if server_privacy is not None:
         out["server_epsilon"] = server_privacy.account.epsilon()

@@ -185,7 +185,8 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics = round_metrics(round_index, accepted, self.server.ledger)
         if failed:
             metrics["failed"] = failed
-        metrics.update(privacy_metrics(self.config, accepted, self.clients, self.server.privacy))
+        epsilons = {str(r.cid): r.metrics["epsilon"] for r in accepted if "epsilon" in r.metrics}
+        metrics.update(privacy_metrics(self.config, epsilons, self.clients, self.server.privacy))
         metrics.update(seconds_train=trained - self._round["started"],
                        seconds_aggregate=time.perf_counter() - trained)
         self._round["metrics"] = metrics

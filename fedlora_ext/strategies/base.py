@@ -141,6 +141,13 @@ class Strategy:
             )
         if config.adapter not in self.adapter_kinds:
             raise ValueError(f"method {self.name!r} supports adapters {self.adapter_kinds}, got {config.adapter!r}")
+        if config.aggregation != "mean" and not (self.averages_updates and not config.heterogeneous
+                                                 and not config.server_dp):
+            raise ValueError(
+                f"aggregation {config.aggregation!r} replaces an average of same-shaped uploads (fedit, fedprox, "
+                f"ffa_lora, fedsa_lora and variants, one rank, no server DP); got method {self.name!r}"
+                + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
+                + (" with server DP" if config.server_dp else ""))
         if config.server_dp and not (self.averages_updates and not config.heterogeneous):
             raise ValueError(
                 f"server DP (DP-FedAvg) needs a method that averages one set of same-shaped uploads (fedit, fedprox, "
