@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -47,6 +48,7 @@ def uninterrupted(args, out: Path) -> list[float]:
     from fedlora_ext.cli import _config, build_parser
     from fedlora_ext.federated.simulation import Simulation
 
+    logging.getLogger("fedlora_ext").setLevel(logging.ERROR)  # a warning per injected failure otherwise
     config = _config(build_parser().parse_args(["run", *flags(args), "--out", str(out)]))
     torch.manual_seed(config.seed)
     sim = Simulation(config)
@@ -73,7 +75,7 @@ def killed_and_resumed(args, out: Path) -> int:
             raise RuntimeError(f"the run ended before round {stop} (code {process.returncode}): "
                                f"{process.stderr.read().decode()[-2000:]}")
         command, resumes = [*base, "--resume", str(out), "--quiet"], resumes + 1
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return resumes
 
 
