@@ -183,3 +183,32 @@ def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
     assert_matches_simulator(run_config, out, tmp_path / "simulated")
+
+
+def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, tmp_path):
+    """SIGKILL to one supernode's process group once round 1 is recorded: Flower reports the node lost
+    (after its missed heartbeats), rounds 2 and 3 aggregate the other two (min_clients = 2), and the
+    run completes with the failure in metrics.jsonl."""
+    out = tmp_path / "run"
+    run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "rounds": 3, "min-clients": 2,
+                                   "dp-epsilon": "none"})
+    deployment.start([f"partition-id={i} num-partitions=3" for i in range(3)])
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    run = subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides], env=deployment.env,
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists()
+                                                   and (out / "metrics.jsonl").read_text().strip()):
+            time.sleep(0.2)
+        os.killpg(deployment.processes["supernode2"].pid, signal.SIGKILL)
+        output, _ = run.communicate(timeout=480)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", output[-3000:] + deployment.logs()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[0]["clients"] == [0, 1, 2]
+    assert [r["clients"] for r in rounds[1:]] == [[0, 1], [0, 1]]
+    assert all("client 2" in r["failed"]["2"] for r in rounds[1:])
