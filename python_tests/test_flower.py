@@ -86,7 +86,7 @@ def assert_same_run(sim, flower) -> None:
     assert sim.ledger.rounds == flower.server.ledger.rounds
     for s, f in zip(sim.history, flower.history, strict=True):
         for key in ("clients", "train_loss", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
-                    "personal_accuracy", "personal_loss", "epsilon", "epsilon_max"):
+                    "personal_accuracy", "personal_loss", "epsilon", "epsilon_max", "server_epsilon"):
             assert s.get(key) == f.get(key), key
 
 
@@ -107,6 +107,15 @@ def test_partial_participation_and_dp_match_the_simulator():
     assert_same_run(sim, flower)
     report = flower.finish()
     assert set(report["clients"]) <= {"0", "1", "2"} and report["epsilon_max"] <= 8.0 + 1e-9
+
+
+def test_dp_fedavg_on_flower_matches_the_simulator():
+    """Client-level DP at the server (Poisson client sampling, clipped and noised mean) on Flower."""
+    config = small("ffa_lora", server_dp_noise_multiplier=0.5, participation=0.67, rounds=3, dp_noise_seed=9)
+    sim = simulate(config, progress=False)
+    flower, _ = run_flower(config)
+    assert_same_run(sim, flower)
+    assert flower.history[-1]["server_epsilon"] > 0
 
 
 def test_noise_key_stays_on_the_node(tmp_path):
