@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace fedlora {
@@ -54,8 +55,22 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& weights, int64_
     auto accumulate_client = [&](int64_t k, int64_t r0, int64_t r1, int64_t c0, int64_t c1, float* acc,
                                  float* wrow) {
       const int64_t ck = std::min(c1, client_width[k]);  // columns past r_k * inner are padding
+      const int64_t tw = c1 - c0;
+      // The padding holds zeros: w * 0 adds nothing unless w is NaN or infinite, and then the twin's
+      // NaN must show there too (a bad weight must not vanish from the padded ranks).
+      for (int64_t c = std::max(c0, ck); c < c1;) {  // one check per run of columns sharing a weight
+        const int64_t rank = per_rank ? c / inner : 0;
+        const int64_t run_end = per_rank ? std::min(c1, (rank + 1) * inner) : c1;
+        const float wc = per_rank ? wp[k * out_rank + rank] : wp[k];
+        if (!std::isfinite(wc)) {
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t cc = c; cc < run_end; ++cc) acc[(r - r0) * tw + (cc - c0)] += wc * 0.0f;
+          }
+        }
+        c = run_end;
+      }
       if (ck <= c0) return;
-      const int64_t len = ck - c0, tw = c1 - c0;
+      const int64_t len = ck - c0;
       // The weight of every column in the tile: w[k] or w[k, rank of the column].
       if (per_rank) {
         for (int64_t c = c0; c < ck;) {

@@ -53,8 +53,14 @@ __global__ void weighted_sum_kernel(const ClientDesc* clients,  // [K]
     for (int v = 0; v < kVec; ++v) acc[v] = 0.0f;
     for (int64_t k = 0; k < K; ++k) {
       const ClientDesc c = clients[k];
-      if (col >= c.width) continue;  // rank >= r_k: zero padding (c.width % kVec == 0)
       const float w = per_rank ? weights[k * R + rank] : weights[k];
+      if (col >= c.width) {  // rank >= r_k: zero padding (c.width % kVec == 0)
+        if (!isfinite(w)) {  // w * 0 is NaN, as in the twin: a bad weight must not vanish in the padding
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) acc[v] += w * 0.0f;
+        }
+        continue;
+      }
       const Pack<scalar_t, kVec> x =
           *reinterpret_cast<const Pack<scalar_t, kVec>*>(static_cast<const scalar_t*>(c.data) + row * c.width + col);
 #pragma unroll
