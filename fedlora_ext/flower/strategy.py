@@ -177,7 +177,8 @@ class FedLoRAStrategy(FlowerStrategy):
             raise FlowerRunError(
                 f"round {server_round}: {len(accepted)} valid replies from {len(self._round['sampled'])} sampled clients, "
                 f"fewer than min_clients = {self.config.min_clients}; stopping. Failures: {failed}. "
-                f"Rounds 1..{round_index} are saved" + (f" in {self.out_dir}" if self.out_dir else ""))
+                + (f"Rounds 1..{round_index} are saved" + (f" in {self.out_dir}" if self.out_dir else "")
+                   if round_index else "No round had completed"))
         accepted.sort(key=lambda r: r.cid)  # replies arrive in any order; sums must not depend on it
         trained = time.perf_counter()
         if accepted or self.server.privacy is not None:
