@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedlora_ext.federated.client_state import client_meta, restore_client
-from fedlora_ext.federated.config import FedConfig
 
 if TYPE_CHECKING:
     from fedlora_ext.federated.simulation import Simulation
@@ -187,8 +186,3 @@ def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: P
     torch.set_rng_state(tensors["rng/torch"])
     return int(index["rounds_done"])
 
-
-def checkpoint_config(run_dir: str | Path) -> FedConfig:
-    """The configuration a checkpointed run was started with."""
-    index, _ = read_checkpoint(run_dir)
-    return FedConfig.from_dict(index["config"])

@@ -63,9 +63,9 @@ class Simulation:
         self.label_names = task.label_names if task is not None else []
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
-        init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(seed, "init"))
+        init = initial_model(self.bench, self.strategy)
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
-            self._check_private_model(init)
+            check_private_model(config, self.strategy, init)
         server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
         self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template)
         self.history: list[dict] = []
@@ -91,9 +91,6 @@ class Simulation:
             clients.append(client)
             data.append((train, test))
         return clients, data
-
-    def _check_private_model(self, model) -> None:
-        check_private_model(self.config, self.strategy, model)
 
     def participants(self, round_index: int) -> list[ClientState]:
         """The clients sampled for a round (seeded; at least one)."""
@@ -189,15 +186,12 @@ class Simulation:
 
     def global_model(self):
         """The server's model: global tensors (and merged base) at the global rank."""
-        model = self.bench.checkout(self.strategy.global_rank(), self.state, derive_seed(self.config.seed, "eval"))
-        adapters.write_tensors(model, self.strategy.global_tensors(self.state))
-        return model
+        return global_model(self.bench, self.strategy, self.state)
 
     def client_model(self, client: ClientState, round_index: int):
         """A client's own model: what it would start its next round from."""
-        model = self.bench.checkout(client.rank, self.state, derive_seed(self.config.seed, "eval", client.cid))
-        self.strategy.prepare(model, client, self.strategy.download(self.state, client, round_index), round_index + 1)
-        return model
+        payload = self.strategy.download(self.state, client, round_index)
+        return client_model(self.bench, self.strategy, self.state, client, payload, round_index)
 
     def evaluate(self, round_index: int) -> dict[str, float]:
         results = {}
@@ -282,6 +276,28 @@ class InjectedFault(RuntimeError):
 
 def _raise_injected() -> None:
     raise InjectedFault("injected crash after local training")
+
+
+def initial_model(bench: ModelBench, strategy: Strategy):
+    """The model every party starts from: adapters at the global rank from the run's shared seed, the
+    same on the server, in the simulator and on every Flower node."""
+    return bench.checkout(strategy.global_rank(), GlobalState(tensors={}), derive_seed(strategy.config.seed, "init"))
+
+
+def global_model(bench: ModelBench, strategy: Strategy, state: GlobalState):
+    """The server's model: global tensors (and merged base) at the global rank."""
+    model = bench.checkout(strategy.global_rank(), state, derive_seed(strategy.config.seed, "eval"))
+    adapters.write_tensors(model, strategy.global_tensors(state))
+    return model
+
+
+def client_model(bench: ModelBench, strategy: Strategy, state: GlobalState, client: ClientState, payload,
+                 round_index: int):
+    """A client's own model after ``round_index``: its kept tensors plus ``payload`` (what it downloads),
+    on ``state``'s base, as it would start its next round."""
+    model = bench.checkout(client.rank, state, derive_seed(strategy.config.seed, "eval", client.cid))
+    strategy.prepare(model, client, payload, round_index + 1)
+    return model
 
 
 def check_private_model(config: FedConfig, strategy: Strategy, model) -> None:

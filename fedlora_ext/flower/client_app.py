@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora_ext.data.task import build_task
-from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
+from fedlora_ext.federated.client import ModelBench, run_client_round
 from fedlora_ext.federated.client_state import client_meta, restore_client
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import client_privacy
-from fedlora_ext.federated.simulation import partition_clients
+from fedlora_ext.federated.simulation import client_model, initial_model, partition_clients
 from fedlora_ext.flower.records import config_from_record, from_arrays, to_arrays
 from fedlora_ext.strategies.base import ClientState, GlobalState, make_strategy
-from fedlora_ext.strategies.merging import MergingStrategy, follow_merges
+from fedlora_ext.strategies.merging import MergingStrategy
 
 log = logging.getLogger("fedlora_ext.flower")
 
@@ -64,8 +65,7 @@ class NodeRuntime:
         client, self.train_data, self.test_data = partition_clients(config, self.strategy, task.train)[cid]
         self.num_examples = client.num_examples
         self.bench = ModelBench(config, task.model)
-        init = self.bench.checkout(self.strategy.global_rank(), GlobalState(tensors={}), derive_seed(config.seed, "init"))
-        self.initial = self.strategy.init_state(init)
+        self.initial = self.strategy.init_state(initial_model(self.bench, self.strategy))
 
     def new_client(self) -> ClientState:
         client = ClientState(cid=self.cid, rank=self.strategy.client_rank(self.config.ranks()[self.cid]),
@@ -91,11 +91,6 @@ class NodeRuntime:
         if base:
             context.state[_BASE] = to_arrays(base)
 
-    def follow(self, base: dict, payload: dict, merged_through: int) -> int:
-        """Applies the downloaded merges to the node's base (merging methods only)."""
-        if not isinstance(self.strategy, MergingStrategy):
-            return merged_through
-        return follow_merges(base, payload, self.strategy._fan_in_fan_out, merged_through)
 
 
 _RUNTIMES: dict[tuple, NodeRuntime] = {}
@@ -123,17 +118,45 @@ def hello(message: Message, context: Context) -> Message:
                                                      "rank": rank})}), reply_to=message)
 
 
+@dataclass
+class Arrival:
+    """A train or evaluate message at a node: the download, and the client as it was stored, with its
+    copy of the merged base already following the merges the download carries."""
+
+    node: NodeRuntime
+    config: FedConfig
+    round_index: int
+    payload: dict[str, torch.Tensor]
+    client: ClientState
+    base: dict[str, torch.Tensor]
+    merged_through: int
+
+    @classmethod
+    def of(cls, message: Message, context: Context) -> Arrival:
+        node, config = runtime(message, context)
+        payload = from_arrays(message.content["arrays"])
+        client, base, merged_through = node.load(context)
+        if isinstance(node.strategy, MergingStrategy):  # FLoRA / FedEx-LoRA: apply the downloaded merges
+            merged_through = node.strategy.follow_merges(base, payload, merged_through)
+        return cls(node, config, int(message.content["config"]["round"]), payload, client, base, merged_through)
+
+    @property
+    def state(self) -> GlobalState:
+        """What the node knows of the global state: its merged base (the tensors come in the payload)."""
+        return GlobalState(tensors={}, base=self.base)
+
+    def save(self, context: Context) -> None:
+        self.node.save(context, self.client, self.base, self.merged_through)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One client round on the downloaded payload; replies with the upload and metrics."""
-    node, config = runtime(message, context)
-    round_index = int(message.content["config"]["round"])
-    payload = from_arrays(message.content["arrays"])
-    client, base, merged_through = node.load(context)
-    merged_through = node.follow(base, payload, merged_through)
-    reply = run_client_round(node.strategy, node.bench, GlobalState(tensors={}, base=base), client, payload,
-                             node.train_data, round_index)
-    node.save(context, client, base, merged_through)
+    arrival = Arrival.of(message, context)
+    node, client = arrival.node, arrival.client
+    reply = run_client_round(node.strategy, node.bench, arrival.state, client, arrival.payload, node.train_data,
+                             arrival.round_index)
+    arrival.save(context)
     metrics = {k: float(v) for k, v in reply.metrics.items()}
     metrics.update({"num-examples": reply.num_examples, "rank": client.rank})
     content = RecordDict({"arrays": to_arrays(reply.tensors), "metrics": MetricRecord(metrics)})
@@ -145,17 +168,13 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_own_model(message: Message, context: Context) -> Message:
     """The client's own model (kept tensors plus the download) on its own test split."""
-    node, config = runtime(message, context)
-    round_index = int(message.content["config"]["round"])
-    payload = from_arrays(message.content["arrays"])
-    client, base, merged_through = node.load(context)
-    merged_through = node.follow(base, payload, merged_through)
+    arrival = Arrival.of(message, context)
+    node = arrival.node
     scores = {"accuracy": 0.0, "loss": 0.0}
     if len(node.test_data):
-        model = node.bench.checkout(client.rank, GlobalState(tensors={}, base=base),
-                                    derive_seed(config.seed, "eval", client.cid))
-        node.strategy.prepare(model, client, payload, round_index + 1)
+        model = client_model(node.bench, node.strategy, arrival.state, arrival.client, arrival.payload,
+                             arrival.round_index)
         scores = evaluate(model, node.test_data)
-    node.save(context, client, base, merged_through)
+    arrival.save(context)
     return Message(RecordDict({"metrics": MetricRecord({"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"]),
                                                         "num-examples": len(node.test_data)})}), reply_to=message)

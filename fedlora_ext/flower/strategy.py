@@ -24,13 +24,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
 from fedlora_ext.data.task import build_task
-from fedlora_ext.federated import adapters
-from fedlora_ext.federated.client import ModelBench, derive_seed
+from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import ServerPrivacy, privacy_report
 from fedlora_ext.federated.server import Server
-from fedlora_ext.federated.simulation import check_private_model, privacy_metrics, round_metrics, save_adapter
+from fedlora_ext.federated.simulation import (
+    check_private_model, global_model, initial_model, privacy_metrics, round_metrics, save_adapter,
+)
 from fedlora_ext.federated.validation import RejectedUpdate
 from fedlora_ext.flower.records import config_record, from_arrays, to_arrays
 from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, make_strategy
@@ -106,7 +107,7 @@ class FedLoRAStrategy(FlowerStrategy):
         task = build_task(config.replace(out_dir=None))
         self.test_data = task.test
         self.bench = ModelBench(config, task.model)
-        init = self.bench.checkout(strategy.global_rank(), GlobalState(tensors={}), derive_seed(config.seed, "init"))
+        init = initial_model(self.bench, strategy)
         if config.sample_dp:
             check_private_model(config, strategy, init)
         privacy = ServerPrivacy(config, strategy, config.num_clients) if config.server_dp else None
@@ -145,37 +146,38 @@ class FedLoRAStrategy(FlowerStrategy):
         round_index = server_round - 1
         self.server.start_round()
         sampled = self.server.sample(round_index, self.clients)
-        self._round = {"index": round_index, "sampled": sampled, "started": time.perf_counter()}
         log.info("round %d: training on clients %s", server_round, [c.cid for c in sampled])
         messages = [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
-        self._round["messages"] = list(zip(messages, sampled))
+        self._round = {"index": round_index, "sent": list(zip(messages, sampled)), "started": time.perf_counter()}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_index = self._round["index"]
         # a reply names the message it answers; the SuperLink's error for a lost node comes from itself
-        sent = {message.metadata.message_id: client for message, client in self._round["messages"]}
-        accepted, failed = [], {}
+        sampled = [client for _, client in self._round["sent"]]
+        sent = {message.metadata.message_id: client for message, client in self._round["sent"]}
+        accepted, failed, answered = [], {}, set()
         for message in replies:
             client = sent.get(message.metadata.reply_to_message_id)
-            if client is None or (client.cid in {r.cid for r in accepted} or str(client.cid) in failed):
+            if client is None or client.cid in answered:
                 log.warning("round %d: a reply to no message of this round (from node %s) is ignored",
                             server_round, message.metadata.src_node_id)
                 continue
+            answered.add(client.cid)
             reply, reason = self._accept(message, client, round_index)
             if reply is not None:
                 accepted.append(reply)
             else:
                 failed[str(client.cid)] = reason
-        for client in self._round["sampled"]:  # no reply at all: the round timed out on it
-            if str(client.cid) not in failed and all(r.cid != client.cid for r in accepted):
+        for client in sampled:  # no reply at all: the round timed out on it
+            if client.cid not in answered:
                 failed[str(client.cid)] = f"client {client.cid}: no reply within the round's timeout"
                 log.warning("round %d: %s", server_round, failed[str(client.cid)])
-        needed = min(self.config.min_clients, len(self._round["sampled"]))
+        needed = min(self.config.min_clients, len(sampled))
         if len(accepted) < needed:
             self._finish_partial(round_index, failed)
             raise FlowerRunError(
-                f"round {server_round}: {len(accepted)} valid replies from {len(self._round['sampled'])} sampled clients, "
+                f"round {server_round}: {len(accepted)} valid replies from {len(sampled)} sampled clients, "
                 f"fewer than min_clients = {self.config.min_clients}; stopping. Failures: {failed}. "
                 + (f"Rounds 1..{round_index} are saved" + (f" in {self.out_dir}" if self.out_dir else "")
                    if round_index else "No round had completed"))
@@ -240,7 +242,8 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics = self._round.pop("metrics")
         started = time.perf_counter()
         if self.strategy.global_model:
-            scores = evaluate(self.global_model(), self.test_data, self.config.batch_size * 4)
+            scores = evaluate(global_model(self.bench, self.strategy, self.state), self.test_data,
+                              self.config.batch_size * 4)
             metrics.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"])
         personal = [r.content["metrics"] for r in replies if not r.has_error() and "metrics" in r.content]
         personal = [m for m in personal if m["num-examples"] > 0]
@@ -251,12 +254,6 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics["seconds"] = time.perf_counter() - self._round["started"]
         self._record(metrics)
         return MetricRecord({k: float(v) for k, v in metrics.items() if k.startswith(("test_", "personal_"))})
-
-    def global_model(self):
-        """The server's model: global tensors (and merged base) at the global rank."""
-        model = self.bench.checkout(self.strategy.global_rank(), self.state, derive_seed(self.config.seed, "eval"))
-        adapters.write_tensors(model, self.strategy.global_tensors(self.state))
-        return model
 
     # ---- records ---------------------------------------------------------------------------------
     def _record(self, metrics: dict) -> None:

@@ -56,6 +56,25 @@ class MergingStrategy(Strategy):
         return {f"{_STACK_PREFIX}{r}.{n}": t for r, stack in sorted(state.info["stacks"].items()) if r >= since
                 for n, t in stack.items()}
 
+    def follow_merges(self, base: dict[str, Tensor], payload: Mapping[str, Tensor], merged_through: int) -> int:
+        """Applies the downloaded stacks of every round >= ``merged_through`` to a client's own copy of
+        the merged base (float32, by module), in round order; returns the next round it lacks. Stacks of
+        rounds it has already merged are skipped, so a download that repeats one (the server missed a
+        reply) is harmless."""
+        rounds = sorted({int(n.split(".", 1)[0].removeprefix(_STACK_PREFIX)) for n in payload
+                         if n.startswith(_STACK_PREFIX)})
+        for r in rounds:
+            if r < merged_through:
+                continue
+            prefix = f"{_STACK_PREFIX}{r}."
+            for module in sorted({n[len(prefix):].rsplit(".", 1)[0] for n in payload if n.startswith(prefix)}):
+                if module not in base:
+                    raise ValueError(f"download: stack for unknown module {module!r}; known: {sorted(base)[:4]}...")
+                apply_stack(base[module], payload[f"{prefix}{module}.B_stacked"],
+                            payload[f"{prefix}{module}.A_stacked"], self._fan_in_fan_out[module])
+            merged_through = r + 1
+        return merged_through
+
     def end_round(self, state: GlobalState, clients: list[ClientState]) -> None:
         """Drops the stacks every client has merged already."""
         everyone_has = min(c.info.get("last_round", 0) for c in clients)  # merges before this are delivered
@@ -67,22 +86,3 @@ def apply_stack(W: Tensor, B_stacked: Tensor, A_stacked: Tensor, fan_in_fan_out:
     """``W += B_s A_s`` in place (transposed for fan_in_fan_out): one merge, on the server or a client."""
     adapters.merge_stacked_(W, [B_stacked], [A_stacked], torch.ones(1), fan_in_fan_out)
 
-
-def follow_merges(base: dict[str, Tensor], payload: Mapping[str, Tensor], fan_in_fan_out: Mapping[str, bool],
-                  merged_through: int) -> int:
-    """Applies the downloaded stacks of every round >= ``merged_through`` to a client's own copy of the
-    merged base (float32, by module), in round order; returns the next round it lacks. Stacks of rounds
-    it has already merged are skipped, so a download that repeats one (the server missed a reply) is
-    harmless."""
-    rounds = sorted({int(n.split(".", 1)[0].removeprefix(_STACK_PREFIX)) for n in payload if n.startswith(_STACK_PREFIX)})
-    for r in rounds:
-        if r < merged_through:
-            continue
-        prefix = f"{_STACK_PREFIX}{r}."
-        for module in sorted({n[len(prefix):].rsplit(".", 1)[0] for n in payload if n.startswith(prefix)}):
-            if module not in base:
-                raise ValueError(f"download: stack for unknown module {module!r}; known: {sorted(base)[:4]}...")
-            apply_stack(base[module], payload[f"{prefix}{module}.B_stacked"], payload[f"{prefix}{module}.A_stacked"],
-                        fan_in_fan_out[module])
-        merged_through = r + 1
-    return merged_through
