@@ -5,9 +5,13 @@ Subcommands:
              or any preset / TOML file, with flags overriding it; writes a run folder with a plot.
   compare    several methods / privacy levels / label skews / rank set-ups on the same partition and seeds.
   simulate   a run without the report (``--preset`` defaults to the synthetic ``fedit``).
+  status     one line on a run folder: running (who), completed, failed (why) or interrupted.
   presets    the packaged presets.   selfcheck   the ops against their twins.   info   build info.
 
-Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback.
+Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback; Ctrl-C with
+one line (``fedlora: interrupted after round N; continue with: fedlora run --resume DIR``) and 130.
+A run, compare or simulate never writes into a folder holding another run (``--overwrite`` replaces it)
+or one in use by a running job (:mod:`fedlora_ext.run_folder`).
 """
 
 from __future__ import annotations
@@ -42,21 +46,24 @@ def _config(args: argparse.Namespace):
     if getattr(args, "iid", False):
         changes["dirichlet_alpha"] = None
     for item in getattr(args, "set", None) or []:
-        key, value = _key_value(item)
-        changes[key] = value
-    unknown = sorted(set(changes) - set(config.to_dict()))
-    if unknown:
-        raise ValueError(f"--set: unknown FedConfig keys {unknown}")
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        FedConfig.check_keys([key.strip()], who="--set")
+        changes[key.strip()] = FedConfig.parse_value(key.strip(), text)
     return config.replace(**changes)
 
 
 def _key_value(item: str):
-    """``key=value`` with a TOML value (``rank=2``, ``client_ranks=[8, 4]``, ``dataset="x"``; bare words are strings)."""
+    """``--vary``'s ``key=value`` with a TOML value (``fedprox_mu=[0.0, 0.01]``; bare words are strings)."""
     import tomllib
+
+    from fedlora_ext.federated import FedConfig
 
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        raise ValueError(f"--vary expects KEY=[V1, V2, ...], got {item!r}")
+    FedConfig.check_keys([key.strip()], who="--vary")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -73,13 +80,13 @@ def _run(args: argparse.Namespace) -> int:
     from fedlora_ext.jobs import run_job
 
     if args.resume:  # the run's own configuration: any other flag would change what is being continued
-        given = [f"--{a.replace('_', '-')}" for a in (*_OVERRIDES, "config", "set", "no_dp", "iid")
+        given = [f"--{a.replace('_', '-')}" for a in (*_OVERRIDES, "config", "set", "no_dp", "iid", "overwrite")
                  if getattr(args, a, None) not in (None, False, [])]
         if given:
             raise ValueError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
         run_job(None, resume=args.resume, progress=not args.quiet)
         return 0
-    run_job(_config(args), progress=not args.quiet)
+    run_job(_config(args), progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -95,15 +102,15 @@ def _compare(args: argparse.Namespace) -> int:
         vary[key] = values if isinstance(values, tuple) else (values,)
     chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
                       args.client_ranks, vary)
-    compare_job(base, chosen, args.out or "runs/compare", progress=not args.quiet)
+    compare_job(base, chosen, args.out, progress=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedlora_ext.federated import simulate
     from fedlora_ext.federated.privacy import format_report
+    from fedlora_ext.jobs import simulate_job
 
-    result = simulate(_config(args), progress=not args.quiet)
+    result = simulate_job(_config(args), progress=not args.quiet, overwrite=args.overwrite)
     for metrics in result.history:
         print(json.dumps({k: _rounded(v) for k, v in metrics.items() if k != "clients"}))
     print(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
@@ -117,6 +124,13 @@ def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
     return round(value, 4) if isinstance(value, float) else value
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedlora_ext.run_folder import run_status
+
+    print(run_status(args.run_dir))
+    return 0
 
 
 def _presets(_: argparse.Namespace) -> int:
@@ -148,7 +162,10 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--seed", type=int)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any FedConfig key, e.g. --set rank=2 --set fedprox_mu=0.01 (repeatable)")
-    parser.add_argument("--out", help="the run folder")
+    parser.add_argument("--out", help="the run folder: new, empty, or (with --overwrite) an earlier run's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (its files are removed first; a folder with "
+                             "files fedlora did not write is never touched)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -180,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_flags(sim, "fedit")
     sim.set_defaults(handler=_simulate)
 
+    status = commands.add_parser("status", help="one line on a run folder: running, completed, failed or interrupted")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.set_defaults(handler=_status)
+
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)
     commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(
         handler=_selfcheck)
@@ -188,13 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedlora_ext.errors import RunError
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as error:
+    except (ValueError, FileNotFoundError, KeyError, OSError, RunError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"fedlora: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # the jobs leave their folder in order and say how to go on
+        print(f"fedlora: {getattr(interrupt, 'message', 'interrupted')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,10 +1,20 @@
-"""The CLI's jobs: ``run`` (one federated run with a line per round, a summary and a run folder) and
-``compare`` (several variants on the same partition and seeds, a Markdown table and plots)."""
+"""The CLI's jobs: ``run`` (one federated run with a line per round, a summary and a run folder),
+``compare`` (several variants on the same partition and seeds, a Markdown table and plots) and
+``simulate`` (a run without the report).
+
+Each job claims its run folder (:mod:`fedlora_ext.run_folder`: never another run's, locked while it
+runs). ``run`` ends its folder with ``summary.json`` whose ``status`` is ``completed``, ``failed`` (with
+the error) or ``interrupted``; Ctrl-C ends a job with :class:`JobInterrupted`, whose message is the
+one line the CLI prints."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import shlex
+import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,9 +23,51 @@ from pathlib import Path
 import torch
 
 from fedlora_ext.federated import FedConfig
+from fedlora_ext.errors import RunError
 from fedlora_ext.reporting import accuracy_key, markdown_table, plot_comparison, plot_run, summary_row
+from fedlora_ext.run_folder import checkpoint_rounds, claim, lock_existing, new_run_folder, write_json_atomic
 
 MIB = 2**20
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a job, after the job has left its folder in order (the last checkpoint is whole,
+    the lock released); ``message`` is the one line to show (without the ``fedlora:`` prefix)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """A second Ctrl-C while a job records how it ended is ignored (in the main thread)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def rounds_done(out: Path, simulation=None) -> int:
+    """The rounds a resume would continue after: the last checkpoint's (else the simulation's)."""
+    done = checkpoint_rounds(out)
+    if done is None:
+        done = simulation.rounds_done if simulation is not None else 0
+    return done
+
+
+def interrupted_message(out: Path | None, done: int) -> str:
+    if done == 0:
+        return ("interrupted before round 1 finished; nothing to continue" + (f" in {out}" if out else "")
+                + ": start the run again")
+    if out is None:
+        return f"interrupted after round {done}"
+    return f"interrupted after round {done}; continue with: fedlora run --resume {shlex.quote(str(out))}"
 
 
 def quiet_libraries() -> None:
@@ -29,10 +81,15 @@ def quiet_libraries() -> None:
 
 
 def default_out_dir(config: FedConfig) -> str:
-    return str(Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """A new folder ``runs/<method>-YYYYMMDD-HHMMSS`` (``-2``, ``-3`` ... when taken), created now."""
+    return str(new_run_folder("runs", config.method))
 
 
 def describe(config: FedConfig, simulation) -> str:
+    """The run's header: what trains on what, evaluated how, with which privacy; then one line per
+    data note (rows dropped, splits unused ...)."""
+    from fedlora_ext.federated.simulation import personal_evaluation
+
     data = f"{config.dataset} ({len(simulation.train_data)} train / {len(simulation.test_data)} test"
     data += f", {len(simulation.label_names)} labels)" if simulation.label_names else ")"
     split = "IID" if config.dirichlet_alpha is None else f"Dirichlet {config.dirichlet_alpha:g}"
@@ -42,8 +99,15 @@ def describe(config: FedConfig, simulation) -> str:
                        else f"DP-SGD sigma {config.dp_noise_multiplier:g}")
     if config.server_dp:
         privacy.append("DP-FedAvg at the server")
-    return (f"{config.method} on {data} with {config.model}, {config.num_clients} clients ({split}), "
-            f"{config.rounds} rounds; " + (", ".join(privacy) or "no DP"))
+    spec = simulation.bench.spec
+    held = (f"each client holds back {config.test_fraction:g} of its examples to evaluate its own model"
+            if personal_evaluation(config, simulation.strategy) else "all client examples train")
+    lines = [f"{config.method} on {data} with {config.model} ({spec.kind} r={config.rank} on "
+             f"{','.join(spec.target_modules)}), {config.num_clients} clients ({split}), {config.rounds} rounds; "
+             + (", ".join(privacy) or "no DP"),
+             f"  evaluated on {simulation.data['eval_split']}; {held}"]
+    lines += [f"  note: {note}" for note in simulation.data["notes"]]
+    return "\n".join(lines)
 
 
 def round_line(metrics: dict, rounds: int, steps: int) -> str:
@@ -60,39 +124,117 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     return "  ".join(parts)
 
 
-def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print) -> dict:
+def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print,
+            overwrite: bool = False) -> dict:
     """One federated run: prints a line per round and a summary, writes the run folder (config,
-    metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png).
-    ``resume`` continues the run in that folder from its last checkpoint. Returns the summary."""
-    from fedlora_ext.federated.privacy import format_report
-    from fedlora_ext.federated.simulation import Simulation
+    metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png,
+    summary.json with the ``status``). ``resume`` continues the run in that folder from its last
+    checkpoint. The folder is claimed first (:func:`fedlora_ext.run_folder.claim`; ``overwrite``
+    removes an earlier run's files) and locked until the job ends. Returns the summary.
 
+    A failure is recorded in summary.json (``status`` ``failed``, ``error``) and raised; Ctrl-C records
+    ``interrupted`` and raises :class:`JobInterrupted`."""
     quiet_libraries()
     started = time.perf_counter()
+    if resume is not None:
+        out = Path(resume)
+        lock = lock_existing(out)  # None without such a folder: Simulation.resume says what is wrong
+    else:
+        named = bool(config.out_dir)
+        config = config if named else config.replace(out_dir=default_out_dir(config))
+        out = Path(config.out_dir)
+        lock = claim(out, overwrite=overwrite, command="run")
+    # a default folder of a run that ends before its first round holds nothing of use: it goes
+    discard = resume is None and not named
+    simulation = None
+    # a resumed folder's summary is only replaced once the run has been rebuilt from it
+    record = resume is None
+    try:
+        simulation = _start_run(config, resume, echo)
+        record = True
+        summary = _finish_run(simulation, simulation.run(progress=progress, on_round=_round_printer(simulation, echo)),
+                              started, echo)
+    except KeyboardInterrupt:
+        with _no_interrupts():
+            done = rounds_done(out, simulation)
+            if record and lock is not None:
+                _record_end(out, started, simulation, status="interrupted", rounds_done=done,
+                            **({"resume": f"fedlora run --resume {shlex.quote(str(out))}"} if done else {}))
+            if lock is not None:
+                lock.release()
+            if discard and done == 0:
+                shutil.rmtree(out, ignore_errors=True)
+        raise JobInterrupted(interrupted_message(None if discard and done == 0 else out, done)) from None
+    except Exception as error:
+        if record and lock is not None:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _record_end(out, started, simulation, status="failed", error=f"{type(error).__name__}: {message}",
+                        rounds_done=rounds_done(out, simulation))
+        if discard and rounds_done(out, simulation) == 0:
+            if lock is not None:
+                lock.release()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _start_run(config: FedConfig | None, resume: str | Path | None, echo):
+    from fedlora_ext.federated.simulation import Simulation
+
     if resume is not None:
         simulation = Simulation.resume(resume)
         config = simulation.config
         echo(f"fedlora run: resuming {resume} after round {simulation.rounds_done} of {config.rounds}: "
              f"{describe(config, simulation)}")
-    else:
-        config = config if config.out_dir else config.replace(out_dir=default_out_dir(config))
-        torch.manual_seed(config.seed)
-        simulation = Simulation(config)
-        echo(f"fedlora run: {describe(config, simulation)}")
-    strategy = simulation.strategy
+        return simulation
+    torch.manual_seed(config.seed)
+    simulation = Simulation(config)
+    echo(f"fedlora run: {describe(config, simulation)}")
+    return simulation
+
+
+def _round_printer(simulation, echo):
+    config, strategy = simulation.config, simulation.strategy
 
     def on_round(metrics: dict) -> None:
         n = {c.cid: c.num_examples for c in simulation.clients}
         steps = sum(strategy.local_steps_per_round(n[cid]) for cid in metrics["clients"])
         echo(round_line(metrics, config.rounds, steps))
 
-    result = simulation.run(progress=progress, on_round=on_round)
+    return on_round
+
+
+def _chance(simulation) -> float | None:
+    return 1 / len(simulation.label_names) if simulation is not None and simulation.label_names else None
+
+
+def _record_end(out: Path, started: float, simulation, **status) -> None:
+    """summary.json of a run that did not complete: what it did, and how it ended."""
+    history = simulation.history if simulation is not None else []
+    summary = summary_row(simulation.config.method, history) if history else {}
+    summary.update(run_folder=str(out), seconds_total=time.perf_counter() - started, chance=_chance(simulation),
+                   rounds=len(history), **status)
+    try:
+        if history:
+            plot_run(history, out / "plot.png", title=f"{simulation.config.method} on {simulation.config.dataset}")
+        write_json_atomic(out / "summary.json", summary)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        pass
+
+
+def _finish_run(simulation, result, started: float, echo) -> dict:
+    from fedlora_ext.federated.privacy import format_report
+
+    config = simulation.config
     out = Path(config.out_dir)
     plot_run(result.history, out / "plot.png", title=f"{config.method} on {config.dataset}")
     summary = summary_row(config.method, result.history)
-    summary.update(run_folder=str(out), seconds_total=time.perf_counter() - started,
-                   chance=1 / len(simulation.label_names) if simulation.label_names else None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary.update(run_folder=str(out), seconds_total=time.perf_counter() - started, chance=_chance(simulation),
+                   status="completed", rounds=len(result.history))
+    write_json_atomic(out / "summary.json", summary)
     chance = f", chance {summary['chance']:.2f}" if summary["chance"] else ""
     eps = f"; epsilon spent <= {summary['epsilon']:.2f}" if summary["epsilon"] is not None else ""
     echo(f"summary: final {summary['accuracy']} accuracy {summary['final']:.3f} (best {summary['best']:.3f}{chance}) "
@@ -100,9 +242,33 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
          f"{summary['seconds_total']:.0f} s")
     if result.privacy:
         echo(format_report(result.privacy))
-    echo(f"run folder: {out} (config.json, metrics.jsonl, adapter.safetensors, plot.png"
-         + (", privacy.json)" if result.privacy else ")"))
+    written = ["config.json", "data.json", "labels.json" if simulation.label_names else "", "metrics.jsonl",
+               "adapter.safetensors", "plot.png", "summary.json", "privacy.json" if result.privacy else ""]
+    echo(f"run folder: {out} ({', '.join(name for name in written if name)})")
     return summary
+
+
+def simulate_job(config: FedConfig, *, progress: bool = True, overwrite: bool = False):
+    """:func:`fedlora_ext.federated.simulate` in a claimed, locked run folder (when ``out_dir`` is set);
+    Ctrl-C raises :class:`JobInterrupted`. Returns the SimulationResult."""
+    from fedlora_ext.federated.simulation import Simulation
+
+    out = Path(config.out_dir) if config.out_dir else None
+    lock = claim(out, overwrite=overwrite, command="simulate") if out is not None else None
+    simulation = None
+    try:
+        torch.manual_seed(config.seed)
+        simulation = Simulation(config)
+        return simulation.run(progress=progress)
+    except KeyboardInterrupt:
+        with _no_interrupts():
+            done = rounds_done(out, simulation) if out is not None else (simulation.rounds_done if simulation else 0)
+            if lock is not None:
+                lock.release()
+        raise JobInterrupted(interrupted_message(out, done)) from None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 @dataclass(frozen=True)
@@ -133,25 +299,31 @@ def variants(base: FedConfig, methods: Sequence[str], dp: Sequence[str], epsilon
     return out
 
 
-def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path, *, progress: bool = False,
-                echo=print) -> Path:
-    """Runs every variant into ``out_dir/<variant>`` (a variant a method cannot take is listed with the
-    reason), then writes the report (:func:`write_compare_report`)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path | None = None, *,
+                progress: bool = False, echo=print, overwrite: bool = False) -> Path:
+    """Runs every variant into ``out_dir/<variant>`` (a variant a method cannot take, or whose run
+    fails, is listed with the reason), then writes the report (:func:`write_compare_report`). The
+    folder (default ``runs/compare-<time>``) is claimed and locked as a run's; it starts with
+    ``compare.json`` (the base configuration and the variants)."""
+    out = Path(out_dir) if out_dir else new_run_folder("runs", "compare")
     ran, skipped = [], []
-    for variant in variant_list:
-        echo(f"run {variant.name} ...")
-        try:
-            summary = run_job(variant.config.replace(out_dir=str(out / variant.name)), progress=progress,
-                              echo=lambda line: None)
-        except ValueError as error:  # e.g. heterogeneous ranks for a one-rank method
-            skipped.append((variant.name, str(error)))
-            echo(f"    not run: {error}")
-            continue
-        ran.append(variant.name)
-        echo(f"    final {summary['accuracy']} accuracy {summary['final']:.3f}, best {summary['best']:.3f}")
-    path = write_compare_report(base, out, ran, skipped)
+    with claim(out, overwrite=overwrite, command="compare"):
+        write_json_atomic(out / "compare.json", {"base": base.to_dict(), "variants": [v.name for v in variant_list]})
+        for variant in variant_list:
+            echo(f"run {variant.name} ...")
+            try:
+                summary = run_job(variant.config.replace(out_dir=str(out / variant.name)), progress=progress,
+                                  echo=lambda line: None)
+            except (ValueError, RunError) as error:  # e.g. heterogeneous ranks for a one-rank method
+                skipped.append((variant.name, str(error)))
+                echo(f"    not run: {error}")
+                continue
+            except KeyboardInterrupt:
+                raise JobInterrupted(f"interrupted during variant {variant.name} ({len(ran)} of {len(variant_list)} "
+                                     f"finished in {out}); run the comparison again with --overwrite") from None
+            ran.append(variant.name)
+            echo(f"    final {summary['accuracy']} accuracy {summary['final']:.3f}, best {summary['best']:.3f}")
+        path = write_compare_report(base, out, ran, skipped)
     echo(f"wrote {path}")
     return path
 

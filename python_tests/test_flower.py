@@ -310,7 +310,7 @@ def test_run_config_parses_presets_tuples_and_options():
     assert config.method == "flora" and config.client_ranks == (8, 4, 2) and config.dirichlet_alpha is None
     assert options["round-timeout"] == 30.0 and options["node-timeout"] == 300.0
     assert config.lr == config_from_run_config({})[0].lr  # "" keeps the preset's value
-    with pytest.raises(ValueError, match=r"unknown keys \['rounds_typo'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'rounds_typo'; did you mean rounds"):
         config_from_run_config({"rounds-typo": 3})
     with pytest.raises(ValueError, match="rank must be int"):
         config_from_run_config({"rank": "abc"})

@@ -1,5 +1,10 @@
 """The data and base model of a run, from its configuration: synthetic tokens for tiny tests, or real
-text (packaged corpora or ``datasets``) tokenised for the chosen model."""
+text (packaged corpora or ``datasets``) tokenised for the chosen model.
+
+Everything deterministic that would fail later is refused here, before training, in one line: a
+``seq_len`` beyond the model's positions, a model folder without ``config.json`` or with a saved head for
+another number of labels, a tokenizer that does not load, and every data problem of
+:func:`fedlora_ext.data.text.load_text`."""
 
 from __future__ import annotations
 
@@ -10,54 +15,101 @@ from pathlib import Path
 
 from torch import nn
 
+from fedlora_ext.data.cache_key import token_cache_key
 from fedlora_ext.data.synthetic import synthetic_dataset
 from fedlora_ext.data.text import load_text, packaged_model_folder, resolve_model, tokenize
-from fedlora_ext.data.tiny_models import TINY, build_model
+from fedlora_ext.data.tiny_models import TINY, build_model, check_saved_head, check_seq_len
 
 
 @dataclass
 class Task:
     """Tokenised train / test data (``input_ids``, ``attention_mask``, ``labels``, ``label``), the base
-    model, and the class names (empty for synthetic data)."""
+    model, the class names (id i is ``label_names[i]``; empty for synthetic data), what the test set is
+    (``eval_split``, a short phrase for the run's header) and ``notes`` (lines for the header: rows
+    dropped, splits unused, labels reordered to a saved head), and ``fingerprint``, a SHA-256 of the
+    texts and label ids (empty for synthetic data), by which a resumed run knows its data is unchanged."""
 
     train: object
     test: object
     model: nn.Module
     label_names: list[str]
+    eval_split: str = ""
+    notes: tuple[str, ...] = ()
+    fingerprint: str = ""
 
 
 def build_task(config) -> Task:
     """The task of a ``FedConfig``: its dataset, tokenised for its model, and that model with a head
-    sized to the dataset's classes. Tiny models reading real text use the packaged MiniLM tokenizer."""
+    sized to the dataset's classes. Tiny models reading real text use the packaged MiniLM tokenizer.
+
+    Raises:
+        ValueError, FileNotFoundError: one line naming the argument (dataset, label_column, model, seq_len).
+    """
+    model_name = resolve_model(config.model)
+    check_seq_len(model_name, config.seq_len)
     if config.dataset == "synthetic":
         train = synthetic_dataset(config.task, config.num_examples, config.seq_len, config.num_labels, config.seed)
-        test = synthetic_dataset(config.task, max(config.num_examples // 4, 8), config.seq_len, config.num_labels,
-                                 config.seed + 1)
-        return Task(train, test, build_model(config.model, config.task, config.num_labels, config.seed), [])
+        n_test = max(config.num_examples // 4, 8)
+        test = synthetic_dataset(config.task, n_test, config.seq_len, config.num_labels, config.seed + 1)
+        model = build_model(model_name, config.task, config.num_labels, config.seed)
+        return Task(train, test, model, [],
+                    f"a separate synthetic test set ({n_test} examples, seed {config.seed + 1})")
     from transformers import AutoTokenizer
 
     text = load_text(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
-                     max_examples=config.max_examples, text_column=config.text_column, label_column=config.label_column)
-    model_name = config.model if config.model in TINY else resolve_model(config.model)
+                     max_examples=config.max_examples, text_column=config.text_column,
+                     label_column=config.label_column, encoding=config.encoding,
+                     drop_invalid_rows=config.drop_invalid_rows)
+    notes = list(text.notes)
+    label_names, train_data, test_data = text.label_names, text.train, text.test
+    if config.task == "classification":
+        label_names, train_data, test_data = _follow_saved_head(model_name, label_names, train_data, test_data, notes)
     tokenizer_source = packaged_model_folder() if model_name in TINY else model_name
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError, KeyError) as error:
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:600]
+        raise ValueError(f"model {config.model!r}: its tokenizer could not be loaded from {tokenizer_source!r}: "
+                         f"{message}") from None
     if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none: pad with the end token
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {config.model!r}: its tokenizer has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(model_name, config.task, len(text.label_names), config.seed, vocab_size=len(tokenizer))
+    model = build_model(model_name, config.task, len(label_names), config.seed, vocab_size=len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
-    cache = _cache_files(config, tokenizer_source)
-    train = tokenize(text.train, tokenizer, config.seq_len, config.task, cache and cache[0])
-    test = tokenize(text.test, tokenizer, config.seq_len, config.task, cache and cache[1])
-    return Task(train, test, model, text.label_names)
+    content = hashlib.sha256(json.dumps([text.fingerprint, label_names]).encode()).hexdigest()
+    cache = _cache_files(config, token_cache_key(content, tokenizer, tokenizer_source, seq_len=config.seq_len,
+                                                 task=config.task))
+    train = tokenize(train_data, tokenizer, config.seq_len, config.task, cache and cache[0])
+    test = tokenize(test_data, tokenizer, config.seq_len, config.task, cache and cache[1])
+    return Task(train, test, model, label_names, text.eval_split, tuple(notes), content)
 
 
-def _cache_files(config, tokenizer_source: str) -> tuple[Path, Path] | None:
-    """Per-run token caches, named by everything that decides their content."""
+def _follow_saved_head(model_name: str, label_names: list[str], train, test, notes: list[str]):
+    """A saved head with the data's label names in another order keeps its order (the data's ids are
+    mapped to it): its class i stays class i. Other names are trained over, with a note."""
+    head = check_saved_head(model_name, len(label_names))
+    if head is None or head == label_names:
+        return label_names, train, test
+    if sorted(head) == sorted(label_names):
+        new_id = {old: head.index(name) for old, name in enumerate(label_names)}
+
+        def remap(batch):
+            return {"label": [new_id[i] for i in batch["label"]]}
+
+        notes.append(f"labels follow the order of model {model_name!r}'s saved head: {head}")
+        return head, train.map(remap, batched=True, keep_in_memory=True), test.map(remap, batched=True,
+                                                                                 keep_in_memory=True)
+    if not all(name == f"LABEL_{i}" for i, name in enumerate(head)):
+        notes.append(f"model {model_name!r}'s saved head was trained for labels {head}; it is trained here for the "
+                     f"data's {label_names} (ids in that order)")
+    return label_names, train, test
+
+
+def _cache_files(config, key: str) -> tuple[Path, Path] | None:
+    """Per-run token caches, named by the key of everything that decides their content."""
     if not config.out_dir:
         return None
-    key = json.dumps([config.dataset, tokenizer_source, config.seq_len, config.task, config.seed,
-                      config.eval_fraction, config.max_examples, config.text_column, config.label_column])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = Path(config.out_dir) / "cache"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"train-{digest}.arrow", folder / f"test-{digest}.arrow"
+    return folder / f"train-{key}.arrow", folder / f"test-{key}.arrow"

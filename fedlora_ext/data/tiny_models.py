@@ -1,5 +1,6 @@
 """Models for runs and tests: tiny randomly initialised BERT / GPT-2 / Llama built in code (no download),
-or any local Hugging Face model folder."""
+or any local Hugging Face model folder; with the checks that refuse a model before training (a seq_len
+beyond its positions, a saved head for another number of labels, an unloadable folder) in one line."""
 
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
 
     classification = task == "classification"
     if name not in TINY:
+        if classification:
+            check_saved_head(name, num_labels)
         auto = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
         # safetensors only: a pickled checkpoint (.bin) in a folder someone handed us could run code
         kwargs = {"num_labels": num_labels, "use_safetensors": True} if classification else {"use_safetensors": True}
         try:
             return auto.from_pretrained(name, **kwargs)
-        except OSError as error:  # a missing folder, or a hub id without network
-            raise ValueError(f"model {name!r} could not be loaded: {error}".splitlines()[0]) from None
+        except (OSError, ValueError, RuntimeError, KeyError) as error:  # no weights, a bad config, a size mismatch
+            message = f"model {name!r} could not be loaded: {type(error).__name__}: {error}"
+            raise ValueError(_one_line(message)) from None
     if name == "tiny-bert":
         config = tf.BertConfig(vocab_size=vocab_size, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
                                num_attention_heads=_HEADS, intermediate_size=_FFN,
@@ -57,6 +61,66 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
         torch.random.set_rng_state(state)
 
 
-def default_target_modules(name: str) -> tuple[str, ...]:
-    """The attention projections LoRA papers adapt (q and v) for each tiny family."""
-    return {"tiny-gpt2": ("c_attn",), "tiny-llama": ("q_proj", "v_proj")}.get(name, ("query", "value"))
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:600]
+
+
+def model_config(name: str):
+    """The transformers config of a model folder (or Hub id), refused in one line naming the model."""
+    import transformers as tf
+
+    try:
+        return tf.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(_one_line(f"model {name!r} could not be loaded: {type(error).__name__}: {error}")) from None
+
+
+#: model types whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "ibert", "data2vec-text",
+                     "xmod", "mpnet", "roberta-prelayernorm")
+
+
+def max_positions(name: str) -> int | None:
+    """The most tokens the model takes (its position table), or None when its config sets no limit."""
+    if name in TINY:
+        return _POSITIONS
+    config = model_config(name)
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+def check_seq_len(name: str, seq_len: int) -> None:
+    """Refuses a ``seq_len`` the model's position table cannot hold, before anything is tokenised."""
+    limit = max_positions(name)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} is above the maximum of model {name!r}: {limit} positions; "
+                         f"use --set seq_len={limit} or less")
+
+
+def saved_head_labels(name: str) -> list[str] | None:
+    """The labels (``id2label`` names, in id order) of a classification head saved in a model folder, or
+    None when the folder holds a base model (a head is then initialised for the data)."""
+    if name in TINY:
+        return None
+    config = model_config(name)
+    if not any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    if not id2label:
+        return [str(i) for i in range(config.num_labels)]
+    return [str(id2label[i]) for i in sorted(id2label, key=int)]
+
+
+def check_saved_head(name: str, num_labels: int) -> list[str] | None:
+    """Refuses a saved classification head for another number of labels than the data's; returns its
+    labels (None without a saved head)."""
+    head = saved_head_labels(name)
+    if head is not None and len(head) != num_labels:
+        raise ValueError(f"model {name!r} has a saved classification head for {len(head)} labels, but the data has "
+                         f"{num_labels} labels; use the base model folder (no head) or data with {len(head)} labels")
+    return head

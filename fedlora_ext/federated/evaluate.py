@@ -8,10 +8,12 @@ from torch import nn
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 64) -> dict[str, float]:
-    """Mean loss and accuracy over ``data`` (rows with input_ids, attention_mask, labels)."""
+    """Mean loss and accuracy over ``data`` (rows with input_ids, attention_mask, labels); for a
+    classifier also ``class_accuracy``, a list by class id (None for a class absent from ``data``)."""
     was_training = model.training
     model.eval()
     total_loss, correct, count, weight = 0.0, 0, 0, 0
+    class_hits, class_counts = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     try:
         for start in range(0, len(data), batch_size):
             batch = data[start : start + batch_size]
@@ -20,12 +22,23 @@ def evaluate(model: nn.Module, data, batch_size: int = 64) -> dict[str, float]:
             total_loss += float(out.loss) * n
             weight += n
             if out.logits.dim() == 2:  # classification [N, C]
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+                hit = out.logits.argmax(-1) == batch["labels"]
+                correct += int(hit.sum())
                 count += n
+                classes = out.logits.shape[-1]
+                class_hits = _grow(class_hits, classes) + torch.bincount(batch["labels"][hit], minlength=classes)
+                class_counts = _grow(class_counts, classes) + torch.bincount(batch["labels"], minlength=classes)
             else:  # causal LM [N, T, V]: predict token t + 1 from tokens <= t
                 hit = out.logits[:, :-1].argmax(-1) == batch["labels"][:, 1:]
                 correct += int(hit.sum())
                 count += hit.numel()
     finally:
         model.train(was_training)
-    return {"loss": total_loss / max(weight, 1), "accuracy": correct / max(count, 1)}
+    scores = {"loss": total_loss / max(weight, 1), "accuracy": correct / max(count, 1)}
+    if len(class_counts):
+        scores["class_accuracy"] = [h / c if c else None for h, c in zip(class_hits.tolist(), class_counts.tolist())]
+    return scores
+
+
+def _grow(counts: torch.Tensor, size: int) -> torch.Tensor:
+    return counts if len(counts) == size else torch.zeros(size, dtype=torch.long)

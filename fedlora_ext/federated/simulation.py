@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fedlora_ext.data.task import build_task
+from fedlora_ext.errors import RunError
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.federated import adapters
 from fedlora_ext.federated.checkpoint import read_checkpoint, restore, save_checkpoint, write_atomic
@@ -61,6 +62,7 @@ class Simulation:
         self.test_data = test_data if test_data is not None else task.test
         base = base_model if base_model is not None else task.model
         self.label_names = task.label_names if task is not None else []
+        self.data = data_description(task, self.train_data, self.test_data)
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = initial_model(self.bench, self.strategy)
@@ -109,7 +111,10 @@ class Simulation:
         failed: dict[str, str] = {}
         for attempt in range(self.config.round_retries + 1):
             sampled = self.server.sample(round_index, self.clients, attempt)
-            replies, trained = self._train_clients(round_index, sampled, attempt, failed, progress)
+            replies, trained, errors = self._train_clients(round_index, sampled, attempt, failed, progress)
+            check_not_deterministic(round_index, sampled, [e for _, e in errors])
+            for cid, _ in errors:
+                log.warning("round %d: %s", round_index + 1, failed[str(cid)])
             needed = min(self.config.min_clients, len(sampled))
             if len(replies) >= needed:
                 break
@@ -137,9 +142,10 @@ class Simulation:
         return metrics
 
     def _train_clients(self, round_index: int, sampled: list[ClientState], attempt: int, failed: dict, progress):
-        """The sampled clients' rounds: (valid replies, clients that trained); failures go to ``failed``."""
+        """The sampled clients' rounds: (valid replies, clients that trained, (cid, exception) of the
+        clients that raised); failures go to ``failed``."""
         faults = injected_faults(self.config, round_index, attempt, [c.cid for c in sampled])
-        replies, trained = [], []
+        replies, trained, errors = [], [], []
         for client in sampled:
             payload = self.server.configure(client, round_index)
             fault = faults.get(client.cid)
@@ -150,7 +156,7 @@ class Simulation:
                                          fault=_raise_injected if fault == "exception" else None)
             except Exception as error:  # a failing client must not take the round down with it
                 failed[str(client.cid)] = f"client {client.cid}: {type(error).__name__}: {error}"
-                log.warning("round %d: %s", round_index + 1, failed[str(client.cid)])
+                errors.append((client.cid, error))  # logged by step() unless they stop the run
                 trained.append(client)
                 continue
             finally:
@@ -171,7 +177,7 @@ class Simulation:
                 replies.append(reply)
             else:
                 failed[str(client.cid)] = reason
-        return replies, trained
+        return replies, trained, errors
 
     def privacy_metrics(self, trained: list[ClientState]) -> dict:
         """Epsilon of every client that trained this round (its update delivered or not)."""
@@ -196,9 +202,9 @@ class Simulation:
     def evaluate(self, round_index: int) -> dict[str, float]:
         results = {}
         if self.strategy.global_model:
-            scores = evaluate(self.global_model(), self.test_data, self.config.batch_size * 4)
-            results.update({"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]})
-        if self.strategy.personalised or self.config.personal_eval:
+            results.update(global_scores(self.global_model(), self.config, self.test_data, self.label_names,
+                                         round_index))
+        if personal_evaluation(self.config, self.strategy):
             per_client = [evaluate(self.client_model(c, round_index), self.client_data[c.cid][1])
                           for c in self.clients if len(self.client_data[c.cid][1])]
             if per_client:
@@ -212,18 +218,18 @@ class Simulation:
         out_dir = Path(self.config.out_dir) if self.config.out_dir else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            write_run_config(out_dir, self.config, self.label_names, self.data)
             # a resumed run rewrites the rounds it has (a killed run may have logged one more)
             write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history).encode())
             metrics_file = open(out_dir / "metrics.jsonl", "a")
         try:
             for round_index in range(self.rounds_done, self.config.rounds):
                 bar = _progress_bar(progress, round_index, self.config.rounds, len(self.participants(round_index)))
-                metrics = self.step(round_index, bar)
-                if bar is not None:
-                    bar.set_postfix({k: round(v, 4) for k, v in metrics.items()
-                                     if k.startswith(("test_acc", "train_loss", "personal_acc")) and v is not None})
-                    bar.close()
+                try:
+                    metrics = self.step(round_index, bar)
+                finally:  # also on Ctrl-C or an error, so the bar ends before the message does
+                    if bar is not None:
+                        bar.close()
                 if on_round is not None:
                     on_round(metrics)
                 if out_dir is not None:
@@ -250,11 +256,25 @@ class Simulation:
         config = FedConfig.from_dict({**index["config"], "out_dir": str(run_dir)})
         torch.manual_seed(config.seed)
         sim = cls(config)
+        check_same_data(sim, Path(run_dir))
         sim.rounds_done = restore(sim, index, tensors, Path(run_dir))
         return sim
 
     def save_adapter(self, path: Path) -> None:
         save_adapter(path, self.strategy, self.state, self.bench.pristine_base())
+
+
+def check_not_deterministic(round_index: int, sampled: list[ClientState], errors: list[Exception]) -> None:
+    """Stops the run when every sampled client raised the same exception (type and message): a
+    setting or the data is wrong, and retrying or skipping rounds would only hide it. Injected faults
+    and failures that differ are left to the round."""
+    real = [(type(e).__name__, str(e)) for e in errors if not isinstance(e, InjectedFault)]
+    raised = set(real)
+    if sampled and len(real) == len(sampled) and len(raised) == 1:
+        kind, message = raised.pop()
+        first_line = message.strip().splitlines()[0] if message.strip() else ""
+        raise RunError(f"round {round_index + 1}: every sampled client ({len(sampled)}) failed with {kind}: "
+                       f"{first_line} (the same error on every client is not a transient failure)")
 
 
 FAULTS = ("exception", "timeout", "dropout")
@@ -330,9 +350,59 @@ def privacy_metrics(config: FedConfig, epsilons: dict[str, float], clients: list
     return out
 
 
+def data_description(task, train_data, test_data) -> dict:
+    """What a run trains and evaluates on: sizes, the test split, notes (rows dropped ...) and the
+    content's fingerprint; written to data.json, printed in the run's header."""
+    return {"train": len(train_data), "test": len(test_data),
+            "eval_split": task.eval_split if task is not None else "given by the caller",
+            "notes": list(task.notes) if task is not None else [],
+            "fingerprint": task.fingerprint if task is not None else ""}
+
+
+def check_same_data(sim: Simulation, run_dir: Path) -> None:
+    """A resumed run must read the data it started with: an edited data file is refused."""
+    try:
+        started = json.loads((run_dir / "data.json").read_text()).get("fingerprint", "")
+    except (OSError, ValueError):
+        return  # a run from before data.json: nothing to compare
+    if started and started != sim.data["fingerprint"]:
+        raise ValueError(f"--resume {run_dir}: dataset {sim.config.dataset!r} has changed since the run started "
+                         "(its content no longer matches data.json); start a new run instead")
+
+
+def write_run_config(out_dir: Path, config: FedConfig, label_names: list[str], data: dict | None = None) -> None:
+    """config.json, data.json (:func:`data_description`) and, for classification, labels.json: what
+    each class id means (``id2label`` / ``label2id`` as transformers' configs spell them), for
+    everything that reads the run later."""
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if data is not None:
+        (out_dir / "data.json").write_text(json.dumps(data, indent=2))
+    if label_names:
+        maps = {"id2label": {str(i): name for i, name in enumerate(label_names)},
+                "label2id": {name: i for i, name in enumerate(label_names)}}
+        (out_dir / "labels.json").write_text(json.dumps(maps, indent=2))
+
+
+def global_scores(model, config: FedConfig, test_data, label_names: list[str], round_index: int) -> dict:
+    """The global model's test loss and accuracy, and after the last round its accuracy per class
+    by label name."""
+    scores = evaluate(model, test_data, config.batch_size * 4)
+    out = {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]}
+    if label_names and "class_accuracy" in scores and round_index == config.rounds - 1:
+        out["test_accuracy_per_class"] = dict(zip(label_names, scores["class_accuracy"]))
+    return out
+
+
+def personal_evaluation(config: FedConfig, strategy: Strategy) -> bool:
+    """Whether clients' own models are evaluated on their own test splits (personalised methods, or
+    ``personal_eval``); only then does a client hold back ``test_fraction`` of its examples."""
+    return strategy.personalised or config.personal_eval
+
+
 def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list[tuple[ClientState, object, object]]:
-    """Every client's state (no privacy yet), training split and own test split, seeded: the same on
-    the simulator and on every Flower node, which keeps only its own."""
+    """Every client's state (no privacy yet), training split and own test split (empty unless
+    :func:`personal_evaluation`), seeded: the same on the simulator and on every Flower node, which
+    keeps only its own."""
     n = len(train_data)
     if getattr(strategy, "pool_clients", False):  # centralized: one client with all the data
         shards = [np.arange(n)]
@@ -344,9 +414,10 @@ def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list
                                      config.num_clients, config.dirichlet_alpha, config.seed,
                                      min_size=config.min_client_examples)
     ranks = config.ranks() if len(shards) == config.num_clients else (max(config.ranks()),)
+    fraction = config.test_fraction if personal_evaluation(config, strategy) else 0.0
     out = []
     for cid, shard in enumerate(shards):
-        train_idx, test_idx = split_train_test(shard, config.test_fraction, derive_seed(config.seed, "split", cid))
+        train_idx, test_idx = split_train_test(shard, fraction, derive_seed(config.seed, "split", cid))
         client = ClientState(cid=cid, rank=strategy.client_rank(ranks[cid]), num_examples=len(train_idx))
         out.append((client, train_data.select(train_idx.tolist()), train_data.select(test_idx.tolist())))
     return out

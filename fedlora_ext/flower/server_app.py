@@ -2,43 +2,105 @@
 
 The run config picks the preset and overrides (:mod:`fedlora_ext.flower.run_config`); with
 ``out_dir`` set, the server writes what ``fedlora run`` writes: config.json, metrics.jsonl (a line per
-round), adapter.safetensors (after every round) and privacy.json.
+round), adapter.safetensors (after every round), privacy.json, plot.png and summary.json (the keys of
+``fedlora run``'s, with ``status`` ``completed`` or ``failed`` and the ``error``: ``flwr run`` exits 0
+whatever happens here). The out-dir is read from the run config before the rest is checked, so a
+configuration error is reported there too. The folder is claimed and locked as ``fedlora run`` does
+(:mod:`fedlora_ext.run_folder`): never a folder holding another run, and ``fedlora status`` shows it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora_ext.flower.run_config import config_from_run_config
 from fedlora_ext.flower.strategy import FedLoRAStrategy
+from fedlora_ext.reporting import plot_run, summary_row
+from fedlora_ext.run_folder import claim, write_json_atomic
 
 app = ServerApp()
+log = logging.getLogger("fedlora_ext.flower")
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.getLogger("fedlora_ext").setLevel(logging.INFO)
-    config, options = config_from_run_config(context.run_config)
-    strategy = FedLoRAStrategy(config, node_timeout=options["node-timeout"])
+    run_server(grid, context.run_config)
+
+
+def out_dir_of(run_config: Mapping[str, Any]) -> str | None:
+    """The run config's out-dir (``out-dir`` or ``out_dir``), before anything else in it is checked."""
+    for key in ("out-dir", "out_dir"):
+        value = run_config.get(key)
+        if isinstance(value, str) and value.strip() and value.strip().lower() != "none":
+            return value.strip()
+    return None
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict:
+    """The whole server side of a run; returns the summary (also summary.json with an out-dir).
+    Any failure, a configuration error included, is recorded in summary.json and raised."""
+    started = time.perf_counter()
+    # `overwrite` (true: replace the run already in out-dir; declared by the app, false by default)
+    overwrite = str(run_config.get("overwrite", "")).strip().lower() in ("true", "1", "yes")
+    run_config = {k: v for k, v in run_config.items() if k != "overwrite"}
+    out = out_dir_of(run_config)
+    lock = claim(out, overwrite=overwrite, command="flower") if out else None
+    strategy = None
     try:
-        strategy.connect(grid)
-        strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=strategy.config.rounds,
-                       timeout=options["round-timeout"])
-        report = strategy.finish()
-    except Exception as error:  # `flwr run` exits 0 whatever happens here: say it in the run folder
-        _write_summary(config, {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                "rounds": len(strategy.history)})
-        raise
-    _write_summary(config, {"status": "completed", "rounds": len(strategy.history),
-                            "final": strategy.history[-1] if strategy.history else None, "privacy": report})
+        try:
+            config, options = config_from_run_config(run_config)
+            if lock is None and config.out_dir:  # an out_dir from the preset or the config file
+                out, lock = config.out_dir, claim(config.out_dir, overwrite=overwrite, command="flower")
+            strategy = FedLoRAStrategy(config, node_timeout=options["node-timeout"])
+            strategy.connect(grid)
+            strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=strategy.config.rounds,
+                           timeout=options["round-timeout"])
+            strategy.finish()
+        except Exception as error:  # `flwr run` exits 0 whatever happens here: say it in the run folder
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _write_summary(out, strategy, started, status="failed", error=f"{type(error).__name__}: {message}")
+            raise
+        return _write_summary(out, strategy, started, status="completed")
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _write_summary(config, summary: dict) -> None:
-    if config.out_dir:
-        Path(config.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+def _chance(strategy) -> float | None:
+    """1 / the number of classes, as ``fedlora run`` reports it (None for synthetic data)."""
+    try:
+        if strategy.config.dataset == "synthetic" or strategy.config.task != "classification":
+            return None
+        labels = strategy.bench.model(strategy.strategy.global_rank()).config.num_labels
+        return 1 / labels if labels else None
+    except Exception:  # noqa: BLE001 - a missing chance level must not hide the run's result
+        return None
+
+
+def _write_summary(out: str | None, strategy, started: float, **status) -> dict:
+    """summary.json: ``fedlora run``'s keys (:func:`fedlora_ext.reporting.summary_row`, run_folder,
+    seconds_total, chance) for the rounds done, ``rounds``, and ``status`` (``error`` when failed);
+    plot.png when a round was recorded."""
+    history = list(strategy.history) if strategy is not None else []
+    config = strategy.config if strategy is not None else None
+    summary = summary_row(config.method, history) if history else {}
+    summary.update(run_folder=out, seconds_total=time.perf_counter() - started,
+                   chance=_chance(strategy) if strategy is not None and strategy.server is not None else None,
+                   rounds=len(history), **status)
+    if out:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            if history:
+                plot_run(history, Path(out) / "plot.png", title=f"{config.method} on {config.dataset} (Flower)")
+            write_json_atomic(Path(out) / "summary.json", summary)
+        except Exception as error:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not write the summary to %s: %s", out, error)
+    return summary

@@ -26,11 +26,11 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategy
 from fedlora_ext.data.task import build_task
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.federated.config import FedConfig
-from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import ServerPrivacy, privacy_report
 from fedlora_ext.federated.server import Server
 from fedlora_ext.federated.simulation import (
-    check_private_model, global_model, initial_model, privacy_metrics, round_metrics, save_adapter,
+    check_private_model, data_description, global_model, global_scores, initial_model, personal_evaluation,
+    privacy_metrics, round_metrics, save_adapter, write_run_config,
 )
 from fedlora_ext.federated.validation import RejectedUpdate
 from fedlora_ext.flower.records import config_record, from_arrays, to_arrays
@@ -105,7 +105,7 @@ class FedLoRAStrategy(FlowerStrategy):
         strategy = make_strategy(config)
         torch.manual_seed(config.seed)
         task = build_task(config.replace(out_dir=None))
-        self.test_data = task.test
+        self.test_data, self.label_names = task.test, task.label_names
         self.bench = ModelBench(config, task.model)
         init = initial_model(self.bench, strategy)
         if config.sample_dp:
@@ -118,7 +118,7 @@ class FedLoRAStrategy(FlowerStrategy):
         out = self.out_dir
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+            write_run_config(out, config, task.label_names, data_description(task, task.train, task.test))
             (out / "metrics.jsonl").write_text("")
 
     @property
@@ -231,7 +231,7 @@ class FedLoRAStrategy(FlowerStrategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Personalised methods (and ``personal_eval``): every client evaluates its own model."""
-        if not (self.strategy.personalised or self.config.personal_eval):
+        if not personal_evaluation(self.config, self.strategy):
             return []
         round_index = server_round - 1
         return [self._message(c, MessageType.EVALUATE, round_index, self.strategy.download(self.state, c, round_index))
@@ -242,9 +242,8 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics = self._round.pop("metrics")
         started = time.perf_counter()
         if self.strategy.global_model:
-            scores = evaluate(global_model(self.bench, self.strategy, self.state), self.test_data,
-                              self.config.batch_size * 4)
-            metrics.update(test_loss=scores["loss"], test_accuracy=scores["accuracy"])
+            metrics.update(global_scores(global_model(self.bench, self.strategy, self.state), self.config,
+                                         self.test_data, self.label_names, server_round - 1))
         personal = [r.content["metrics"] for r in replies if not r.has_error() and "metrics" in r.content]
         personal = [m for m in personal if m["num-examples"] > 0]
         if personal:
@@ -253,7 +252,8 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics["seconds_eval"] = time.perf_counter() - started
         metrics["seconds"] = time.perf_counter() - self._round["started"]
         self._record(metrics)
-        return MetricRecord({k: float(v) for k, v in metrics.items() if k.startswith(("test_", "personal_"))})
+        return MetricRecord({k: float(v) for k, v in metrics.items()
+                             if k.startswith(("test_", "personal_")) and isinstance(v, (int, float))})
 
     # ---- records ---------------------------------------------------------------------------------
     def _record(self, metrics: dict) -> None:
