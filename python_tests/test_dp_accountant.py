@@ -51,7 +51,9 @@ def test_calibration_meets_the_target_and_stricter_targets_need_more_noise():
 
 def test_delta_rule():
     account = PrivacyAccount.calibrate(who="t", population=500, sample_rate=0.1, max_steps=10, noise_multiplier=1.0)
-    assert account.delta == pytest.approx(500**-1.1)
+    assert account.delta == 1e-5 and account.delta_rule.startswith("default")  # min(1e-5, 1 / (10 n))
+    big = PrivacyAccount.calibrate(who="t", population=50_000, sample_rate=0.1, max_steps=10, noise_multiplier=1.0)
+    assert big.delta == pytest.approx(1 / 500_000)
     with pytest.raises(ValueError, match=r"delta = 0.002 must be < 1 / n = 0.002"):
         PrivacyAccount.calibrate(who="t", population=500, sample_rate=0.1, max_steps=10, noise_multiplier=1.0,
                                  delta=0.002)

@@ -125,7 +125,8 @@ def test_every_method_trains_privately_and_accounts_every_step(method, tmp_path)
         assert account.epsilon() <= 8.0
     report = json.loads((tmp_path / "privacy.json").read_text())
     assert report["epsilon_max"] == pytest.approx(max(c.privacy.account.epsilon() for c in result.clients))
-    assert set(report["clients"]["0"]) == {"epsilon", "delta", "sigma", "q", "steps", "accountant"}
+    assert set(report["clients"]["0"]) == {"epsilon", "delta", "delta_rule", "n", "sigma", "q", "steps", "accountant",
+                                           "target_epsilon"}
 
 
 def test_noise_key_is_secret_and_unique(tmp_path, capsys):

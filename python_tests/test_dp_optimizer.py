@@ -107,8 +107,9 @@ def test_empty_poisson_batch_is_pure_noise():
         assert p.grad.shape == p.shape and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
-def test_virtual_steps_fall_back_to_opacus():
-    """A skipped (accumulating) step followed by a real one: identical to opacus with the noise off."""
+def test_virtual_steps_equal_opacus():
+    """A skipped (accumulating) step followed by a real one, on the fused path: identical to opacus with
+    the noise off."""
     (m1, o1), (m2, o2) = _pair(_mlp(), noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=8)
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
     for model, opt in ((m1, o1), (m2, o2)):
@@ -192,3 +193,221 @@ def test_peft_lora_noise_off_equals_opacus_and_weights_move():
         assert all(moved)
     for (n1, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n1)
+
+
+# ------------------------------------------------------------------ opacus bookkeeping (issue 14 item 4)
+
+
+def _backward(model, x, y) -> None:
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_reused_per_sample_grads_are_refused_like_opacus():
+    """A second step without a new backward: opacus's ValueError, the weights do not move again and the
+    accountant does not count the reused batch."""
+    from opacus.accountants import RDPAccountant
+
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    for fused in (False, True):
+        model = GradSampleModule(_mlp())
+        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                          expected_batch_size=8)
+        accountant = RDPAccountant()
+        opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.1))
+        opt = fuse(opt) if fused else opt
+        _backward(model, x, y)
+        opt.step()
+        after_first = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match="Gradients haven't been cleared since the last optimizer step"):
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(after_first, model.parameters()))
+        assert sum(n for _, _, n in accountant.history) == 1
+        # a new backward without zero_grad appends to the used grad_sample: still refused
+        _backward(model, x, y)
+        with pytest.raises(ValueError, match="zero_grad"):
+            opt.step()
+        assert sum(n for _, _, n in accountant.history) == 1
+        opt.zero_grad()
+        _backward(model, x, y)
+        opt.step()
+        assert sum(n for _, _, n in accountant.history) == 2
+
+
+def _attrs(model, opt):
+    return ([None if p.summed_grad is None else p.summed_grad.clone() for p in model.parameters()],
+            [p.grad.clone() for p in model.parameters()], opt._is_last_step_skipped)
+
+
+def test_summed_grad_and_flags_match_opacus():
+    """p.summed_grad (the clipped sum), p.grad, the used marks and _is_last_step_skipped after a real
+    step, a skipped step and the step that closes it, all without falling back to opacus."""
+    (m1, o1), (m2, o2) = _pair(_mlp(), noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=8)
+    x, y = torch.randn(12, 10), torch.randint(0, 3, (12,))
+    for model, opt in ((m1, o1), (m2, o2)):
+        opt.zero_grad()
+        _backward(model, x[:4], y[:4])
+        opt.step()
+    assert o2._fusable()
+    for (s1, g1, k1), (s2, g2, k2) in [(_attrs(m1, o1), _attrs(m2, o2))]:
+        for a, b in zip(s1 + g1, s2 + g2):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert k1 is k2 is False
+    for p in m2.parameters():
+        assert p.grad_sample._processed and p.summed_grad._processed and p.grad is not p.summed_grad
+    for model, opt in ((m1, o1), (m2, o2)):
+        opt.zero_grad()
+        opt.signal_skip_step(do_skip=True)
+        _backward(model, x[4:8], y[4:8])
+        assert opt.step() is None
+    s1, s2 = [p.summed_grad for p in m1.parameters()], [p.summed_grad for p in m2.parameters()]
+    for a, b in zip(s1, s2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert o1._is_last_step_skipped and o2._is_last_step_skipped
+    assert not any(hasattr(s, "_processed") for s in s2)
+    for model, opt in ((m1, o1), (m2, o2)):
+        opt.zero_grad()  # keeps summed_grad after a skipped step
+        _backward(model, x[8:], y[8:])
+        opt.step()
+    for a, b in zip(list(m1.parameters()) + [p.summed_grad for p in m1.parameters()],
+                    list(m2.parameters()) + [p.summed_grad for p in m2.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not o2._is_last_step_skipped
+
+
+def test_accumulated_iterations_match_opacus():
+    """Several backward passes before one step: grad_sample is a list, the mean divides by B * k."""
+    (m1, o1), (m2, o2) = _pair(_mlp(), noise_multiplier=0.0, max_grad_norm=0.2, expected_batch_size=4)
+    x, y = torch.randn(12, 10), torch.randint(0, 3, (12,))
+    for model, opt in ((m1, o1), (m2, o2)):
+        for i in range(3):
+            _backward(model, x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
+        assert opt.accumulated_iterations == 3
+        opt.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def _noisy_run(opt_factory, steps=2):
+    model = GradSampleModule(nn.Linear(6, 4))
+    torch.nn.init.zeros_(model._module.weight)
+    opt = opt_factory(model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(3, 6, generator=gen)).sum().backward()
+        opt.step()
+    return model._module.weight.detach().clone()
+
+
+def _dp(model, **kw):
+    return DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                       expected_batch_size=3, **kw)
+
+
+def test_seed_makes_noise_reproducible():
+    a = _noisy_run(lambda m: fuse(_dp(m), seed=11))
+    b = _noisy_run(lambda m: fuse(_dp(m), seed=11))
+    c = _noisy_run(lambda m: fuse(_dp(m), seed=12))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="seed"):
+        fuse(_dp(GradSampleModule(nn.Linear(2, 2))), seed=-1)
+    with pytest.raises(ValueError, match="not both"):
+        fuse(_dp(GradSampleModule(nn.Linear(2, 2)), generator=torch.Generator()), seed=1)
+
+
+def test_generator_makes_noise_reproducible_like_opacus():
+    """opacus's generator semantics: the noise is a function of the generator's state (reseed to replay)."""
+    gen = torch.Generator()
+    runs = []
+    for _ in range(2):
+        def factory(m):
+            opt = fuse(_dp(m, generator=gen))
+            gen.manual_seed(8888)  # after construction, as opacus's randomness_test does
+            return opt
+        runs.append(_noisy_run(factory))
+    assert torch.equal(runs[0], runs[1])
+    # without reseeding the generator moves on: different noise
+    assert not torch.allclose(runs[1], _noisy_run(lambda m: fuse(_dp(m, generator=gen))))
+    # fuse(generator=...) on an optimizer without one: torch.default_generator follows torch.manual_seed
+    replay = []
+    for _ in range(2):
+        torch.manual_seed(1337)
+        replay.append(_noisy_run(lambda m: fuse(_dp(m), generator=torch.default_generator)))
+    assert torch.equal(*replay)
+
+
+def test_default_noise_never_touches_the_global_rng():
+    """By default the key is a fresh secret: torch.manual_seed does not replay the noise, and the global
+    generator is not consumed (also on the mixed-dtype fallback path)."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1337)
+        runs.append(_noisy_run(lambda m: fuse(_dp(m))))
+    assert not torch.allclose(runs[0], runs[1])
+
+    model = GradSampleModule(nn.Linear(6, 4))
+    model._module.bias.data = model._module.bias.data.double()  # mixed dtypes: opacus's clip, our noise
+    opt = fuse(_dp(model))
+    assert not opt._fusable()
+    model._module.weight.grad_sample = torch.zeros(3, 4, 6)
+    model._module.bias.grad_sample = torch.zeros(3, 4, dtype=torch.float64)
+    state = torch.get_rng_state()
+    opt.step()
+    assert torch.equal(state, torch.get_rng_state())
+    assert model._module.weight.grad.abs().sum() > 0 and model._module.bias.grad.dtype == torch.float64
+
+
+def test_fused_step_does_not_consume_the_global_rng():
+    model = GradSampleModule(nn.Linear(6, 4))
+    opt = fuse(_dp(model))
+    model(torch.randn(3, 6)).sum().backward()
+    state = torch.get_rng_state()
+    opt.step()
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_fuse_keeps_a_half_accumulated_virtual_step():
+    """fuse() between a skipped step and the step that closes it: summed_grad and the queue survive."""
+    (m1, o1), (m2, _) = _pair(_mlp(), noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=8)
+    o2 = DPOptimizer(torch.optim.SGD(m2.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=0.3,
+                     expected_batch_size=8)
+    x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+    for model, opt in ((m1, o1), (m2, o2)):
+        opt.signal_skip_step(do_skip=True)
+        _backward(model, x[:4], y[:4])
+        opt.step()
+        opt.zero_grad()
+    o2 = fuse(o2)
+    assert o2._is_last_step_skipped and all(p.summed_grad is not None for p in m2.parameters())
+    for model, opt in ((m1, o1), (m2, o2)):
+        _backward(model, x[4:], y[4:])
+        opt.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_memory_manager_equals_opacus():
+    """make_private + BatchMemoryManager (virtual steps) through fuse: the weights and the accountant's
+    history equal opacus's with the noise off."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 10), torch.randint(0, 3, (64,)))
+    results = []
+    for fused in (False, True):
+        model = _mlp()
+        engine = PrivacyEngine()
+        torch.manual_seed(5)  # the Poisson sampler's batches (global RNG) are the same in both runs
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+            data_loader=torch.utils.data.DataLoader(data, batch_size=16), noise_multiplier=0.0, max_grad_norm=0.5)
+        optimizer = fuse(optimizer) if fused else optimizer
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=5, optimizer=optimizer) as dl:
+            for x, y in dl:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        results.append(([p.detach().clone() for p in model.parameters()], list(engine.accountant.history)))
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][1] == results[1][1]

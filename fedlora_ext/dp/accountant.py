@@ -13,14 +13,49 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from fedlora_ext.dp.rdp import rdp_epsilon, rdp_noise_multiplier
+from fedlora_ext.dp.rdp import MAX_SIGMA, BudgetTooLow, rdp_epsilon, search_noise_multiplier
 
 ACCOUNTANTS = ("rdp", "prv")
 
+#: calibration searches sigma until epsilon is this close below the target (opacus's tolerance), or a
+#: tenth of the target for targets under 0.1, so a small target is met with a positive epsilon
+CALIBRATION_TOLERANCE = 0.01
+
+#: how the default delta is chosen, as reports name it
+DEFAULT_DELTA_RULE = "default min(1e-5, 1/(10 n))"
+
 
 def default_delta(population: int) -> float:
-    """``1 / n^1.1``: below ``1 / n``, the rate at which releasing one record in full would be allowed."""
-    return 1.0 / population**1.1
+    """``min(1e-5, 1 / (10 n))``: the usual 1e-5, and for a party with more than 10^4 records a tenth
+    of ``1 / n`` (the rate at which releasing one record in full would be allowed)."""
+    return min(1e-5, 1.0 / (10 * population))
+
+
+def calibration_tolerance(target_epsilon: float) -> float:
+    return min(CALIBRATION_TOLERANCE, target_epsilon / 10)
+
+
+def history_epsilon(history, delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` after ``[(sigma, q, steps), ...]`` (entries with the same sigma and q are
+    summed first, so a history in pieces gives the number of one in one piece); never negative."""
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        key = (float(sigma), float(q))
+        merged[key] = merged.get(key, 0) + int(steps)
+    history = [(sigma, q, steps) for (sigma, q), steps in merged.items() if steps > 0]
+    if not history:
+        return 0.0
+    if any(sigma == 0 and q > 0 for sigma, q, _ in history):
+        return math.inf
+    with warnings.catch_warnings():  # opacus's numeric hints (largest alpha; log(0) at q = 1 in PRV)
+        warnings.simplefilter("ignore")
+        if accountant == "rdp":
+            return rdp_epsilon(history, delta)
+        from opacus.accountants import PRVAccountant
+
+        prv = PRVAccountant()
+        prv.history = history
+        return max(0.0, float(prv.get_epsilon(delta=delta)))
 
 
 def check_privacy_arguments(*, who: str, epsilon: float | None = None, delta: float | None = None,
@@ -40,21 +75,21 @@ def check_privacy_arguments(*, who: str, epsilon: float | None = None, delta: fl
         raise ValueError(f"{who}: accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
-def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise multiplier (opacus's search, to 0.01 in epsilon) whose epsilon after ``steps``
-    steps at ``sample_rate`` is at most ``target_epsilon``."""
-    if accountant == "rdp":
-        return rdp_noise_multiplier(target_epsilon, delta, sample_rate, steps)
-    from opacus.accountants.utils import get_noise_multiplier
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                      who: str = "") -> float:
+    """The smallest noise multiplier (opacus's search, to 0.01 in epsilon, sigma up to 1e6) whose
+    epsilon after ``steps`` steps at ``sample_rate`` is at most ``target_epsilon``; a one-line
+    ``ValueError`` naming the target, q, steps and the sigma it would need when none is enough."""
+    def epsilon_at(sigma: float) -> float:
+        return history_epsilon([(sigma, sample_rate, steps)], delta, accountant)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
-        except ValueError as error:
-            raise ValueError(f"cannot reach epsilon {target_epsilon} at delta {delta:g} in {steps} steps at "
-                             f"q = {sample_rate:g} with the {accountant} accountant: {error}") from None
+    try:
+        return search_noise_multiplier(epsilon_at, target_epsilon, calibration_tolerance(target_epsilon))
+    except BudgetTooLow as error:
+        raise ValueError(f"{who + ': ' if who else ''}cannot reach target epsilon {target_epsilon:g} at delta {delta:g} "
+                         f"with q = {sample_rate:g} over {steps} steps ({accountant} accountant): it would need sigma "
+                         f"more than 1e6 (epsilon is still {error.epsilon_at_max:.4g} at sigma "
+                         f"{error.sigma_max:g}); raise the target epsilon or delta, or train fewer steps") from None
 
 
 @dataclass
@@ -67,6 +102,10 @@ class PrivacyAccount:
         noise_multiplier: sigma of every step.
         sample_rate: q, the probability that a record (a sample, or a client) is in a step's batch.
         history: opacus's format, ``[(sigma, q, steps), ...]``, appended to and never reset.
+        target_epsilon: the budget sigma was calibrated for (None with a given sigma: no budget, no
+            guard); :meth:`can_take` refuses steps that would spend past it.
+        population: n, the records the party protects (None where unknown).
+        delta_rule: how delta was chosen (:data:`DEFAULT_DELTA_RULE` or ``"given"``).
     """
 
     accountant: str
@@ -74,6 +113,9 @@ class PrivacyAccount:
     noise_multiplier: float
     sample_rate: float
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    target_epsilon: float | None = None
+    population: int | None = None
+    delta_rule: str = "given"
 
     @classmethod
     def calibrate(cls, *, who: str, population: int, sample_rate: float, max_steps: int, accountant: str = "rdp",
@@ -89,14 +131,20 @@ class PrivacyAccount:
                              f"({noise_multiplier})")
         if population < 1:
             raise ValueError(f"{who}: the party has no records to protect (population {population})")
+        rule = DEFAULT_DELTA_RULE if delta is None else "given"
         delta = default_delta(population) if delta is None else delta
         if delta >= 1.0 / population:
             raise ValueError(f"{who}: delta = {delta:g} must be < 1 / n = {1.0 / population:g} (n = {population}); "
                              "a larger delta allows releasing a record outright")
         if target_epsilon is not None:
-            noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, max_steps, accountant)
-        return cls(accountant=accountant, delta=delta, noise_multiplier=float(noise_multiplier),
-                   sample_rate=float(sample_rate))
+            noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, max_steps, accountant, who)
+        account = cls(accountant=accountant, delta=delta, noise_multiplier=float(noise_multiplier),
+                      sample_rate=float(sample_rate), target_epsilon=target_epsilon, population=int(population),
+                      delta_rule=rule)
+        if target_epsilon is not None and not account.can_take(max_steps):  # the search guarantees it
+            raise ValueError(f"{who}: calibration gave sigma {account.noise_multiplier:g}, whose epsilon after "
+                             f"{max_steps} steps is {account.epsilon_after(max_steps):.6g} > target {target_epsilon:g}")
+        return account
 
     def step(self, count: int = 1) -> None:
         """Records ``count`` noisy steps with this account's sigma and q."""
@@ -111,22 +159,31 @@ class PrivacyAccount:
         return sum(h[2] for h in self.history)
 
     def epsilon(self) -> float:
-        """Epsilon spent so far at ``delta`` (0 before the first step, inf when sigma is 0)."""
-        if self.steps == 0:
-            return 0.0
-        if self.noise_multiplier == 0:
-            return math.inf
-        with warnings.catch_warnings():  # opacus's numeric hints (largest alpha; log(0) at q = 1 in PRV)
-            warnings.simplefilter("ignore")
-            if self.accountant == "rdp":
-                return rdp_epsilon(self.history, self.delta)
-            from opacus.accountants import PRVAccountant
+        """Epsilon spent so far at ``delta`` (0 before the first step, inf when sigma is 0; never
+        negative)."""
+        return history_epsilon(self.history, self.delta, self.accountant)
 
-            accountant = PRVAccountant()
-            accountant.history = list(self.history)
-            return float(accountant.get_epsilon(delta=self.delta))
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon after ``steps`` more steps with this account's sigma and q (nothing is recorded)."""
+        return history_epsilon([*self.history, (self.noise_multiplier, self.sample_rate, int(steps))], self.delta,
+                               self.accountant)
 
-    def report(self) -> dict[str, float | int | str]:
-        """epsilon, delta, sigma, q, steps and the accountant: one line of a privacy report."""
-        return {"epsilon": self.epsilon(), "delta": self.delta, "sigma": self.noise_multiplier,
-                "q": self.sample_rate, "steps": self.steps, "accountant": self.accountant}
+    def can_take(self, steps: int) -> bool:
+        """Whether ``steps`` more steps keep epsilon <= the target (always, without a target). The
+        comparison is exact: calibration returns a sigma whose epsilon after the most steps is <= the
+        target, computed the same way, so a party that takes exactly those steps is never refused."""
+        return self.target_epsilon is None or self.epsilon_after(steps) <= self.target_epsilon
+
+    def refusal(self, steps: int, who: str) -> str | None:
+        """Why ``who`` may not take ``steps`` more steps (None when it may)."""
+        if self.can_take(steps):
+            return None
+        return (f"{who}: epsilon would reach {self.epsilon_after(steps):.4g} > target {self.target_epsilon:g} "
+                f"after {steps} more steps ({self.steps} taken)")
+
+    def report(self) -> dict[str, float | int | str | None]:
+        """epsilon, delta (and the rule that chose it), n, sigma, q, steps, the accountant and the target:
+        one line of a privacy report."""
+        return {"epsilon": self.epsilon(), "delta": self.delta, "delta_rule": self.delta_rule, "n": self.population,
+                "sigma": self.noise_multiplier, "q": self.sample_rate, "steps": self.steps,
+                "accountant": self.accountant, "target_epsilon": self.target_epsilon}

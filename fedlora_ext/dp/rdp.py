@@ -80,7 +80,9 @@ def rdp_per_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarra
 
 
 def rdp_epsilon(history, delta: float, orders: tuple[float, ...] | None = None) -> float:
-    """Epsilon at ``delta`` after an opacus-style history ``[(sigma, q, steps), ...]``."""
+    """Epsilon at ``delta`` after an opacus-style history ``[(sigma, q, steps), ...]``; never negative
+    (the RDP -> (epsilon, delta) conversion goes below 0 at a large delta and much noise: a
+    mechanism that is (epsilon < 0, delta)-DP is (0, delta)-DP)."""
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     if not history:
@@ -90,25 +92,47 @@ def rdp_epsilon(history, delta: float, orders: tuple[float, ...] | None = None) 
     with warnings.catch_warnings():  # opacus's hint that the best order is the largest one
         warnings.simplefilter("ignore")
         eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
-    return float(eps)
+    return max(0.0, float(eps))
 
 
-def rdp_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                         tolerance: float = 0.01) -> float:
-    """opacus's ``get_noise_multiplier`` search (same brackets, same bisection, same answer) over
-    :func:`rdp_epsilon`."""
+#: The largest noise multiplier a calibration tries (opacus's ``MAX_SIGMA``).
+MAX_SIGMA = 1e6
+
+
+class BudgetTooLow(ValueError):
+    """No noise multiplier up to :data:`MAX_SIGMA` meets the target; ``epsilon_at_max`` is the epsilon
+    at the largest sigma tried (the accountant's floor at this delta)."""
+
+    def __init__(self, target_epsilon: float, epsilon_at_max: float, sigma_max: float) -> None:
+        self.target_epsilon, self.epsilon_at_max, self.sigma_max = target_epsilon, epsilon_at_max, sigma_max
+        super().__init__(f"epsilon {target_epsilon:g} needs sigma more than {MAX_SIGMA:.0e} (epsilon is still "
+                         f"{epsilon_at_max:.4g} at sigma {sigma_max:g})")
+
+
+def search_noise_multiplier(epsilon_at, target_epsilon: float, tolerance: float = 0.01,
+                            max_sigma: float = MAX_SIGMA) -> float:
+    """opacus's ``get_noise_multiplier`` search over ``epsilon_at(sigma)``: double sigma from 20 until
+    epsilon <= target (:class:`BudgetTooLow` past ``max_sigma``), then bisect until epsilon is within
+    ``tolerance`` below the target. The sigma returned always has epsilon <= target."""
     sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target_epsilon:
         sigma_high *= 2
-        eps_high = rdp_epsilon([(sigma_high, sample_rate, steps)], delta)
-        if sigma_high > 2000:
-            raise ValueError(f"the privacy budget is too low: epsilon {target_epsilon} at delta {delta:g} needs "
-                             f"sigma > 2000 for {steps} steps at q = {sample_rate:g}")
+        if sigma_high > max_sigma:
+            raise BudgetTooLow(target_epsilon, eps_high, sigma_high / 2)
+        eps_high = epsilon_at(sigma_high)
     while target_epsilon - eps_high > tolerance:
         sigma = (sigma_low + sigma_high) / 2
-        eps = rdp_epsilon([(sigma, sample_rate, steps)], delta)
+        eps = epsilon_at(sigma)
         if eps < target_epsilon:
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma
     return sigma_high
+
+
+def rdp_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                         tolerance: float = 0.01) -> float:
+    """opacus's ``get_noise_multiplier`` search (same brackets, same bisection, same answer) over
+    :func:`rdp_epsilon`, up to sigma = :data:`MAX_SIGMA` as opacus."""
+    return search_noise_multiplier(lambda sigma: rdp_epsilon([(sigma, sample_rate, steps)], delta),
+                                   target_epsilon, tolerance)

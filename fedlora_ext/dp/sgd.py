@@ -58,6 +58,10 @@ class ClientPrivacy:
     def noise_multiplier(self) -> float:
         return self.account.noise_multiplier
 
+    def refusal(self, steps: int, who: str) -> str | None:
+        """Why the client may not take ``steps`` more DP-SGD steps (its budget would be exceeded), or None."""
+        return self.account.refusal(steps, who)
+
 
 def summed_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """The sum over the batch of each sample's own loss: cross-entropy for classification, the mean

@@ -172,6 +172,10 @@ def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: P
         seed = _read_key(run_dir, f"client-{cid}") if meta.get("privacy") else None
         client = restore_client({**meta, "info": {}}, {n: tensors[f"client{cid}/{n}"] for n in meta["tensors"]}, seed=seed)
         client.info = _unpack(meta["info"], tensors)
+        fresh = next((c for c in sim.clients if c.cid == cid), None)
+        if client.privacy is not None and client.privacy.account.target_epsilon is None and fresh is not None \
+                and fresh.privacy is not None:  # a checkpoint from before the budget guard: the config's target
+            client.privacy.account.target_epsilon = fresh.privacy.account.target_epsilon
         clients.append(client)
     if [c.cid for c in clients] != [c.cid for c in sim.clients]:
         raise ValueError("resume: the checkpoint's clients do not match the run's partition")

@@ -88,11 +88,15 @@ class LocalTrainer:
     client's secret stream, and one accountant step (empty samples included).
     """
 
-    def __init__(self, config: FedConfig, data, seed: int, privacy: ClientPrivacy | None = None) -> None:
+    def __init__(self, config: FedConfig, data, seed: int, privacy: ClientPrivacy | None = None,
+                 proximal: Mapping[str, Tensor] | None = None) -> None:
         self.config = config
         self.data = data
         self.seed = seed
         self.privacy = privacy
+        # FedProx's w_global: the tensors this client downloaded this round, by name (None: every trainable
+        # tensor as it was when ``train`` started, for a trainer used outside a federated round)
+        self.proximal = proximal
         self.dp_seconds = 0.0  # time in the clip-and-noise step (benchmarks split a round with it)
 
     def batches(self, steps: int):
@@ -110,10 +114,11 @@ class LocalTrainer:
               masks: Mapping[str, Tensor] | None = None) -> float:
         """Runs the local steps (default ``local_steps``); returns the mean loss per sample.
 
-        ``penalty`` is a data-independent term (HetLoRA's); with the FedProx term, which pulls towards
-        the values the trainable parameters had when this call started (the global model), it is added
-        to the gradient after the DP step: post-processing, so it costs no privacy. ``masks`` (by
-        parameter name, broadcastable) zero gradient coordinates that must not train.
+        ``penalty`` is a data-independent term (HetLoRA's); with the FedProx term, which pulls the
+        trainable tensors the client downloaded towards their downloaded values (``proximal``; tensors it
+        keeps locally, such as FedSA's B, are not pulled), it is added to the gradient after the DP step:
+        post-processing, so it costs no privacy. ``masks`` (by parameter name, broadcastable) zero
+        gradient coordinates that must not train.
         """
         params = adapters.trainable_parameters(model)
         if not params:
@@ -144,10 +149,16 @@ class LocalTrainer:
         mu = self.config.fedprox_mu
         if mu == 0:
             return penalty
-        reference = {n: p.detach().clone() for n, p in params.items()}
+        if self.proximal is None:
+            reference = {n: p.detach().clone() for n, p in params.items()}
+        else:  # only what came from the server: w_global is the download, not the client's own tensors
+            reference = {n: t.detach().to(params[n].device, params[n].dtype)
+                         for n, t in self.proximal.items() if n in params}
+        if not reference:
+            return penalty
 
         def regulariser() -> Tensor:  # FedProx (arXiv 1812.06127): (mu / 2) ||w - w_global||^2
-            prox = 0.5 * mu * sum(((p - reference[n]) ** 2).sum() for n, p in params.items())
+            prox = 0.5 * mu * sum(((params[n] - w) ** 2).sum() for n, w in reference.items())
             return prox if penalty is None else prox + penalty()
 
         return regulariser
@@ -191,7 +202,7 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     model = bench.checkout(client.rank, state, seed)
     strategy.prepare(model, client, payload, round_index)
     start = adapters.read_tensors(model)
-    trainer = LocalTrainer(strategy.config, data, seed, client.privacy)
+    trainer = LocalTrainer(strategy.config, data, seed, client.privacy, proximal=payload)
     # dropout draws from torch's global generator: seed it per client and round, so a client's round is
     # the same whichever clients ran before it in this process (simulator, Flower node, resumed run)
     with torch.random.fork_rng(devices=[]):

@@ -26,7 +26,8 @@ def client_meta(client: ClientState, *, secret: bool) -> dict[str, Any]:
         meta["privacy"] = {"accountant": account.accountant, "delta": account.delta,
                            "noise_multiplier": account.noise_multiplier, "sample_rate": account.sample_rate,
                            "history": [list(h) for h in account.history], "offset": client.privacy.noise.offset,
-                           "max_grad_norm": client.privacy.max_grad_norm}
+                           "max_grad_norm": client.privacy.max_grad_norm, "target_epsilon": account.target_epsilon,
+                           "population": account.population, "delta_rule": account.delta_rule}
         if secret:
             meta["privacy"]["seed"] = client.privacy.noise.seed
     return meta
@@ -45,7 +46,10 @@ def restore_client(meta: dict[str, Any], tensors: dict, *, seed: int | None = No
         account = PrivacyAccount(accountant=privacy["accountant"], delta=float(privacy["delta"]),
                                  noise_multiplier=float(privacy["noise_multiplier"]),
                                  sample_rate=float(privacy["sample_rate"]),
-                                 history=[(float(s), float(q), int(n)) for s, q, n in privacy["history"]])
+                                 history=[(float(s), float(q), int(n)) for s, q, n in privacy["history"]],
+                                 target_epsilon=None if privacy.get("target_epsilon") is None else float(privacy["target_epsilon"]),
+                                 population=None if privacy.get("population") is None else int(privacy["population"]),
+                                 delta_rule=str(privacy.get("delta_rule", "given")))
         client.privacy = ClientPrivacy(account=account, noise=NoiseStream(int(key), int(privacy["offset"])),
                                        max_grad_norm=float(privacy["max_grad_norm"]))
     return client

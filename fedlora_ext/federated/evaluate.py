@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,3 +43,13 @@ def evaluate(model: nn.Module, data, batch_size: int = 64) -> dict[str, float]:
 
 def _grow(counts: torch.Tensor, size: int) -> torch.Tensor:
     return counts if len(counts) == size else torch.zeros(size, dtype=torch.long)
+
+
+def eval_subset(data, size: int | None, seed: int, full: bool = False):
+    """The examples of ``data`` an evaluation sees: a fixed subset of ``size`` rows drawn with ``seed``
+    (the same rows every call, in their original order), or all of ``data`` when ``full``, ``size`` is
+    None or ``size >= len(data)``."""
+    if full or size is None or size >= len(data):
+        return data
+    chosen = np.sort(np.random.default_rng(seed).choice(len(data), size, replace=False))
+    return data.select(chosen.tolist())

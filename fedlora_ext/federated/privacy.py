@@ -2,7 +2,10 @@
 
 Sample-level DP (every client): sigma is calibrated per client before training, for the most local
 steps it could take over the whole run (``rounds * local_steps_per_round``) at q = batch / n_k, so the
-target epsilon holds even if it is sampled every round; a client sampled less spends less.
+target epsilon holds even if it is sampled every round; a client sampled less spends less. A client is
+never sampled past its budget: before it trains, its account checks that this round's steps keep epsilon
+<= the target (:func:`budget_refusal`); retried rounds and resumed runs cannot overspend. Delta defaults
+to ``min(1e-5, 1 / (10 n_k))`` per client and ``min(1e-5, 1 / (10 N))`` for DP-FedAvg over N clients.
 
 Client-level DP at the server (DP-FedAvg, McMahan et al. 2018, arXiv 1710.06963): each client is in
 a round with probability q = ``participation`` (Poisson), its update is clipped to ``server_dp_clip``,
@@ -41,6 +44,15 @@ def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples
     return ClientPrivacy(account=account, noise=_noise_stream(config, "client", cid), max_grad_norm=config.dp_max_grad_norm)
 
 
+def budget_refusal(client: ClientState, strategy: Strategy) -> str | None:
+    """Why ``client`` may not train this round (its privacy budget would be exceeded by the round's
+    most steps, ``local_steps_per_round``), or None. Where the account lives elsewhere (a Flower node),
+    what the node last said (``info["budget_exhausted"]``)."""
+    if client.privacy is not None:
+        return client.privacy.refusal(strategy.local_steps_per_round(client.num_examples), f"client {client.cid}")
+    return client.info.get("budget_exhausted") or None
+
+
 class ServerPrivacy:
     """DP-FedAvg at the server: Poisson client sampling, clipped updates, noised uniform average."""
 
@@ -54,6 +66,7 @@ class ServerPrivacy:
             target_epsilon=config.server_dp_epsilon, delta=config.server_dp_delta,
             noise_multiplier=config.server_dp_noise_multiplier)
         self.noise = _noise_stream(config, "server")
+        self.max_rounds = config.rounds
 
     def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
         """Each client independently with probability ``participation`` (possibly none)."""
@@ -63,6 +76,11 @@ class ServerPrivacy:
     def aggregate(self, state: GlobalState, replies: list[Reply], round_index: int) -> GlobalState:
         """``w + (sum_k clip(u_k) + N(0, (sigma S)^2)) / (q N)`` for every uploaded tensor w, where
         ``u_k`` is client k's upload minus the global value it started from."""
+        refusal = self.account.refusal(1, "server DP-FedAvg")
+        if refusal is not None or (self.account.target_epsilon is not None and self.account.steps >= self.max_rounds):
+            # never more noisy rounds than calibrated for
+            raise RuntimeError(refusal or f"server DP-FedAvg: {self.account.steps} noisy rounds done, the "
+                                          f"{self.max_rounds} calibrated for; refusing another")
         names = self.strategy.upload_names(state, round_index)  # known without replies: empty rounds too
         self._check_replies(state, replies, names)
         per_client = []
@@ -92,7 +110,8 @@ class ServerPrivacy:
 
 def privacy_report(clients: list[ClientState], server: ServerPrivacy | None,
                    client_reports: dict[str, dict] | None = None) -> dict:
-    """epsilon, delta, sigma, q, steps and accountant per client (and for the server), and the maximum;
+    """epsilon, delta (and its rule), n, sigma, q, steps and accountant per client (and for the server),
+    and the maximum;
     ``client_reports`` stands in for the accounts where they live elsewhere (Flower nodes report theirs)."""
     report: dict = {}
     per_client = client_reports if client_reports is not None else {
@@ -113,11 +132,13 @@ def format_report(report: dict) -> str:
         rows.append(("server (client-level)", report["server"]))
     if not rows:
         return "privacy: none (no DP configured)"
-    lines.append(f"{'party':<22} {'epsilon':>9} {'delta':>9} {'sigma':>8} {'q':>7} {'steps':>6}  accountant")
+    lines.append(f"{'party':<22} {'epsilon':>9} {'n':>7} {'delta':>9} {'sigma':>8} {'q':>7} {'steps':>6}  "
+                 f"{'accountant':<10}  delta rule")
     for who, r in rows:
         eps = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3f}"
-        lines.append(f"{who:<22} {eps:>9} {r['delta']:>9.2e} {r['sigma']:>8.4f} {r['q']:>7.4f} {r['steps']:>6}  {r['accountant']}")
+        n = "?" if r.get("n") is None else str(int(r["n"]))
+        lines.append(f"{who:<22} {eps:>9} {n:>7} {r['delta']:>9.2e} {r['sigma']:>8.4f} {r['q']:>7.4f} "
+                     f"{r['steps']:>6}  {r['accountant']:<10}  {r.get('delta_rule', '?')}")
     if "epsilon_max" in report:
         lines.append(f"sample-level epsilon (max over clients): {report['epsilon_max']:.3f}")
     return "\n".join(lines)
-

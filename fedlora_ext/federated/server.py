@@ -50,6 +50,22 @@ class Server:
         rng = np.random.default_rng(derive_seed(self.seed, *labels))
         return [clients[i] for i in np.sort(rng.choice(len(clients), size=k, replace=False))]
 
+    def admit(self, sampled: list[ClientState], round_index: int) -> tuple[list[ClientState], dict[str, str]]:
+        """The sampled clients whose privacy budget allows this round's steps, and (cid -> reason) the
+        ones left out of the round because it does not (logged): no client trains past its target."""
+        from fedlora_ext.federated.privacy import budget_refusal
+
+        admitted, refused = [], {}
+        for client in sampled:
+            reason = budget_refusal(client, self.strategy)
+            if reason is None:
+                admitted.append(client)
+            else:
+                refused[str(client.cid)] = reason
+                log.warning("round %d: %s; the client is left out of the round (privacy budget exhausted)",
+                            round_index + 1, reason)
+        return admitted, refused
+
     def start_round(self) -> None:
         self.ledger.start_round()
 

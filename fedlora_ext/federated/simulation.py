@@ -25,7 +25,7 @@ from fedlora_ext.federated.checkpoint import read_checkpoint, restore, save_chec
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.config import FedConfig
-from fedlora_ext.federated.evaluate import evaluate
+from fedlora_ext.federated.evaluate import eval_subset, evaluate
 from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
 from fedlora_ext.federated.privacy import ServerPrivacy, client_privacy, privacy_report
 from fedlora_ext.federated.server import Server
@@ -105,17 +105,23 @@ class Simulation:
         ``client_failure_rate``) are left out; the round aggregates the rest when at least
         ``min_clients`` of those sampled replied validly (FedAvg weights renormalise over them), else it
         is retried with a fresh sample (``round_retries``) or skipped. A client that trained has spent
-        its privacy whether or not its update arrived."""
+        its privacy whether or not its update arrived; a sampled client whose budget this round's steps
+        would exceed is left out before it trains (``budget_exhausted``)."""
         started = time.perf_counter()
         self.server.start_round()
         failed: dict[str, str] = {}
+        exhausted: dict[str, str] = {}
+        trained_any: dict[int, ClientState] = {}
         for attempt in range(self.config.round_retries + 1):
-            sampled = self.server.sample(round_index, self.clients, attempt)
+            sampled, refused = self.server.admit(self.server.sample(round_index, self.clients, attempt), round_index)
+            exhausted.update(refused)
             replies, trained, errors = self._train_clients(round_index, sampled, attempt, failed, progress)
+            trained_any.update((c.cid, c) for c in trained)
             check_not_deterministic(round_index, sampled, [e for _, e in errors])
             for cid, _ in errors:
                 log.warning("round %d: %s", round_index + 1, failed[str(cid)])
-            needed = min(self.config.min_clients, len(sampled))
+            # a sample whose every client is out of budget is a failed attempt, not an empty round
+            needed = min(self.config.min_clients, len(sampled)) if sampled or not refused else 1
             if len(replies) >= needed:
                 break
             reason = (f"round {round_index + 1}: {len(replies)} valid replies from {len(sampled)} sampled clients, "
@@ -132,7 +138,9 @@ class Simulation:
             metrics["failed"] = failed
         if skipped:
             metrics["skipped"] = reason
-        metrics.update(self.privacy_metrics(trained))
+        if exhausted:
+            metrics["budget_exhausted"] = exhausted
+        metrics.update(self.privacy_metrics(list(trained_any.values())))
         metrics.update(self.evaluate(round_index))
         finished = time.perf_counter()
         metrics.update(seconds=finished - started, seconds_train=trained_at - started,
@@ -385,10 +393,14 @@ def write_run_config(out_dir: Path, config: FedConfig, label_names: list[str], d
 
 def global_scores(model, config: FedConfig, test_data, label_names: list[str], round_index: int) -> dict:
     """The global model's test loss and accuracy, and after the last round its accuracy per class
-    by label name."""
-    scores = evaluate(model, test_data, config.batch_size * 4)
-    out = {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"]}
-    if label_names and "class_accuracy" in scores and round_index == config.rounds - 1:
+    by label name. Before the last round a fixed seeded subset of ``eval_examples`` test examples is
+    evaluated (the same every round), the last round always sees the whole split; ``test_examples``
+    says how many were evaluated."""
+    last = round_index == config.rounds - 1
+    data = eval_subset(test_data, config.eval_examples, derive_seed(config.seed, "eval_subset"), full=last)
+    scores = evaluate(model, data, config.batch_size * 4)
+    out = {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"], "test_examples": len(data)}
+    if label_names and "class_accuracy" in scores and last:
         out["test_accuracy_per_class"] = dict(zip(label_names, scores["class_accuracy"]))
     return out
 

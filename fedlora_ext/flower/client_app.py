@@ -149,11 +149,31 @@ class Arrival:
         self.node.save(context, self.client, self.base, self.merged_through)
 
 
+def _privacy_record(client: ClientState) -> ConfigRecord:
+    """The account's report (epsilon, delta, n, sigma, q, steps ...): never the key; no None values."""
+    return ConfigRecord({k: v for k, v in client.privacy.account.report().items() if v is not None})
+
+
+def _budget_refusal(node: NodeRuntime, client: ClientState) -> str | None:
+    if client.privacy is None:
+        return None
+    return client.privacy.refusal(node.strategy.local_steps_per_round(client.num_examples), f"client {client.cid}")
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One client round on the downloaded payload; replies with the upload and metrics."""
+    """One client round on the downloaded payload; replies with the upload and metrics. A node whose
+    privacy budget this round's steps would exceed does not train: it replies with a ConfigRecord
+    ``budget`` whose ``refused`` says why (and its account's report); after training, ``budget``'s
+    ``exhausted`` says why it could not train another round ("" when it could)."""
     arrival = Arrival.of(message, context)
     node, client = arrival.node, arrival.client
+    refusal = _budget_refusal(node, client)
+    if refusal is not None:
+        log.warning("round %d: %s; not training (privacy budget exhausted)", arrival.round_index + 1, refusal)
+        arrival.save(context)
+        return Message(RecordDict({"budget": ConfigRecord({"refused": refusal}),
+                                   "privacy": _privacy_record(client)}), reply_to=message)
     reply = run_client_round(node.strategy, node.bench, arrival.state, client, arrival.payload, node.train_data,
                              arrival.round_index)
     arrival.save(context)
@@ -161,7 +181,8 @@ def train(message: Message, context: Context) -> Message:
     metrics.update({"num-examples": reply.num_examples, "rank": client.rank})
     content = RecordDict({"arrays": to_arrays(reply.tensors), "metrics": MetricRecord(metrics)})
     if client.privacy is not None:  # the account's report (epsilon, delta, sigma, q, steps): never the key
-        content["privacy"] = ConfigRecord(client.privacy.account.report())
+        content["privacy"] = _privacy_record(client)
+        content["budget"] = ConfigRecord({"exhausted": _budget_refusal(node, client) or ""})
     return Message(content, reply_to=message)
 
 

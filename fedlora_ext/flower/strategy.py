@@ -145,10 +145,11 @@ class FedLoRAStrategy(FlowerStrategy):
                         grid: Grid) -> Iterable[Message]:
         round_index = server_round - 1
         self.server.start_round()
-        sampled = self.server.sample(round_index, self.clients)
+        sampled, exhausted = self.server.admit(self.server.sample(round_index, self.clients), round_index)
         log.info("round %d: training on clients %s", server_round, [c.cid for c in sampled])
         messages = [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
-        self._round = {"index": round_index, "sent": list(zip(messages, sampled)), "started": time.perf_counter()}
+        self._round = {"index": round_index, "sent": list(zip(messages, sampled)), "started": time.perf_counter(),
+                       "exhausted": exhausted}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -157,6 +158,7 @@ class FedLoRAStrategy(FlowerStrategy):
         sampled = [client for _, client in self._round["sent"]]
         sent = {message.metadata.message_id: client for message, client in self._round["sent"]}
         accepted, failed, answered = [], {}, set()
+        exhausted = dict(self._round.get("exhausted", {}))
         for message in replies:
             client = sent.get(message.metadata.reply_to_message_id)
             if client is None or client.cid in answered:
@@ -164,6 +166,10 @@ class FedLoRAStrategy(FlowerStrategy):
                             server_round, message.metadata.src_node_id)
                 continue
             answered.add(client.cid)
+            refused = self._budget(message, client, round_index)
+            if refused is not None:  # the node would have spent past its target: not a failure
+                exhausted[str(client.cid)] = refused
+                continue
             reply, reason = self._accept(message, client, round_index)
             if reply is not None:
                 accepted.append(reply)
@@ -173,7 +179,7 @@ class FedLoRAStrategy(FlowerStrategy):
             if client.cid not in answered:
                 failed[str(client.cid)] = f"client {client.cid}: no reply within the round's timeout"
                 log.warning("round %d: %s", server_round, failed[str(client.cid)])
-        needed = min(self.config.min_clients, len(sampled))
+        needed = min(self.config.min_clients, len(sampled) - sum(str(c.cid) in exhausted for c in sampled))
         if len(accepted) < needed:
             self._finish_partial(round_index, failed)
             raise FlowerRunError(
@@ -188,6 +194,8 @@ class FedLoRAStrategy(FlowerStrategy):
         metrics = round_metrics(round_index, accepted, self.server.ledger)
         if failed:
             metrics["failed"] = failed
+        if exhausted:
+            metrics["budget_exhausted"] = exhausted
         epsilons = {str(r.cid): r.metrics["epsilon"] for r in accepted if "epsilon" in r.metrics}
         metrics.update(privacy_metrics(self.config, epsilons, self.clients, self.server.privacy))
         metrics.update(seconds_train=trained - self._round["started"],
@@ -195,6 +203,24 @@ class FedLoRAStrategy(FlowerStrategy):
         self._round["metrics"] = metrics
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         return self.global_arrays(), MetricRecord(scalars)
+
+    def _budget(self, message: Message, client: ClientState, round_index: int) -> str | None:
+        """What a node says of its privacy budget: why it refused to train this round (returned, and the
+        client is not sampled again), or, after training, why it cannot train another round (noted, so
+        the next samples skip it)."""
+        if message.has_error() or "budget" not in message.content.config_records:
+            return None
+        budget = message.content.config_records["budget"]
+        refused = str(budget.get("refused", "") or "")
+        if refused:
+            if "privacy" in message.content.config_records:
+                self.client_reports[str(client.cid)] = dict(message.content.config_records["privacy"])
+            client.info["budget_exhausted"] = refused
+            log.warning("round %d: %s; the node did not train (privacy budget exhausted)", round_index + 1, refused)
+            return refused
+        if budget.get("exhausted"):
+            client.info["budget_exhausted"] = str(budget["exhausted"])
+        return None
 
     def _accept(self, message: Message, client: ClientState, round_index: int) -> tuple[Reply | None, str | None]:
         """Decodes and checks one reply: (the reply, None), or (None, why it is refused)."""

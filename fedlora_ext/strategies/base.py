@@ -227,7 +227,11 @@ class Strategy:
         adapters.set_trainable(model, **self.trainable(round_index))
 
     def penalty(self, model: nn.Module, client: ClientState) -> Callable[[], Tensor] | None:
-        """An extra term of the local loss (HetLoRA's rank self-pruning), or None."""
+        """An extra term of the local loss (HetLoRA's rank self-pruning), or None.
+
+        The method's own term only: FedProx's (mu / 2) ||w - w_global||^2 (``fedprox_mu > 0``) is added by
+        the local trainer over exactly the trainable tensors the client downloaded this round (w_global =
+        their downloaded values); tensors it keeps locally (FedSA's B, a personal head) are not pulled."""
         return None
 
     def local_steps_per_round(self, num_examples: int) -> int:
