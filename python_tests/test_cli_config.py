@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -21,7 +22,10 @@ TINY_SYNTHETIC = ["--preset", "fedit", "--rounds", "1", "--clients", "2", "--qui
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora_ext", *args], capture_output=True, text=True, timeout=300)
+    """``fedlora ARGS`` as a user runs it: outside the source checkout, so the installed package (with
+    its native library) is the one imported."""
+    return subprocess.run([sys.executable, "-m", "fedlora_ext", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:
