@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from fedlora_ext.errors import RunError
+from fedlora_ext.federated.checkpoint import write_atomic
 
 LOCK = ".fedlora.lock"
 # files whose presence means "a run was here" (a run's, a Flower run's, or a comparison's)
@@ -280,11 +281,8 @@ def new_run_folder(parent: str | Path, name: str, now: float | None = None) -> P
 
 
 def write_json_atomic(path: str | Path, value) -> None:
-    """JSON to a temporary file in the same folder, then renamed over ``path``."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
+    """JSON through a temporary file in the same folder and a rename (the checkpoints' own writer)."""
+    write_atomic(Path(path), json.dumps(value, indent=2).encode())
 
 
 # ---- fedlora status -------------------------------------------------------------------------------

@@ -128,11 +128,3 @@ def search_noise_multiplier(epsilon_at, target_epsilon: float, tolerance: float 
         else:
             sigma_low = sigma
     return sigma_high
-
-
-def rdp_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                         tolerance: float = 0.01) -> float:
-    """opacus's ``get_noise_multiplier`` search (same brackets, same bisection, same answer) over
-    :func:`rdp_epsilon`, up to sigma = :data:`MAX_SIGMA` as opacus."""
-    return search_noise_multiplier(lambda sigma: rdp_epsilon([(sigma, sample_rate, steps)], delta),
-                                   target_epsilon, tolerance)
