@@ -73,7 +73,8 @@ def _key_value(item: str):
 
 _OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "rounds": "rounds", "clients": "num_clients",
               "epsilon": "dp_epsilon", "alpha": "dirichlet_alpha", "seed": "seed", "max_examples": "max_examples",
-              "local_steps": "local_steps", "participation": "participation", "lr": "lr", "out": "out_dir"}
+              "local_steps": "local_steps", "participation": "participation", "lr": "lr", "out": "out_dir",
+              "device": "device", "dtype": "model_dtype"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -160,6 +161,9 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
     split.add_argument("--iid", action="store_true", help="partition IID")
     parser.add_argument("--max-examples", type=int, help="cap the corpus (a seeded subset)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto (default: a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", help="the base model's weights: auto (the checkpoint's own), float32, bfloat16, "
+                                        "float16; adapters and the head stay float32")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any FedConfig key, e.g. --set rank=2 --set fedprox_mu=0.01 (repeatable)")
     parser.add_argument("--out", help="the run folder: new, empty, or (with --overwrite) an earlier run's")

@@ -22,10 +22,22 @@ from pathlib import Path
 
 import torch
 
-from fedlora_ext.federated import FedConfig
 from fedlora_ext.errors import RunError
-from fedlora_ext.reporting import accuracy_key, markdown_table, plot_comparison, plot_run, summary_row
-from fedlora_ext.run_folder import checkpoint_rounds, claim, lock_existing, new_run_folder, write_json_atomic
+from fedlora_ext.federated import FedConfig
+from fedlora_ext.reporting import (
+    accuracy_key,
+    markdown_table,
+    plot_comparison,
+    plot_run,
+    summary_row,
+)
+from fedlora_ext.run_folder import (
+    checkpoint_rounds,
+    claim,
+    lock_existing,
+    new_run_folder,
+    write_json_atomic,
+)
 
 MIB = 2**20
 

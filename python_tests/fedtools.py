@@ -6,7 +6,7 @@
   aggregation the server state before and after plus the replies.
 * Plain-torch views of peft models and of server states: factors, base weights and the effective
   weight ``W + s B A`` in the ``[out, in]`` convention, computed here independently of
-  ``fedlora_ext.federated.adapters`` so that the tests do not check the library against itself.
+  ``fedlora_ext.core.adapters`` so that the tests do not check the library against itself.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from fedlora_ext.cli import _config, build_parser, main
 from fedlora_ext.errors import RunError
 from fedlora_ext.federated import FedConfig, Simulation
-from fedlora_ext.federated.adapters import default_target_modules
+from fedlora_ext.core.adapters import default_target_modules
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.strategies.fedit import FedIT
 from fedtools import small_config

@@ -20,7 +20,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedlora_ext.dp import ClientPrivacy, NoiseStream, PerSampleGradients, PrivacyAccount, noisy_gradients_, summed_loss
-from fedlora_ext.federated import Simulation, adapters, simulate
+from fedlora_ext.core import adapters
+from fedlora_ext.federated import Simulation, simulate
 from fedlora_ext.federated.client import LocalTrainer
 from fedlora_ext.strategies.ffa_lora import FFALoRA
 from fedtools import small_config

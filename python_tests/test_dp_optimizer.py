@@ -171,7 +171,7 @@ def test_peft_lora_noise_off_equals_opacus_and_weights_move():
     B factors change every step (opacus issue 820: LoRA under DP can silently stop updating). A is not
     checked: with B = 0 at the start its gradient is zero, then too small to move it in float32 here."""
     from fedlora_ext.data import build_model
-    from fedlora_ext.federated.adapters import AdapterSpec, attach_adapter
+    from fedlora_ext.core.adapters import AdapterSpec, attach_adapter
 
     base = attach_adapter(build_model("tiny-bert", "classification", 3, seed=1), AdapterSpec(rank=4), "SEQ_CLS")
     for module in base.modules():  # dropout off (opacus needs train mode): both models see one forward pass

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedlora_ext.data import build_model
 from fedlora_ext.dp import PerSampleGradients, summed_loss
-from fedlora_ext.federated import adapters
+from fedlora_ext.core import adapters
 from fedtools import TARGETS
 
 

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from fedlora_ext.federated import adapters
+from fedlora_ext.core import adapters
 from fedtools import one_thread  # noqa: F401  (autouse fixture)
 from fedtools import fedavg_p, run_recorded, small_config
 

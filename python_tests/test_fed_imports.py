@@ -1,14 +1,16 @@
-"""The federated layer imports cleanly from any entry point in a fresh interpreter.
+"""The federated layer imports cleanly from any entry point in a fresh interpreter, and only downwards.
 
-``fedlora_ext.strategies`` and ``fedlora_ext.federated`` import each other (strategies use the adapter
-helpers, the simulator uses the strategies); whichever a user imports first must work, and every
-method must be registered afterwards. In-process tests cannot see this: by then both are imported.
+Layers, bottom to top (DESIGN.md): ops -> dp/, data/, core/ (config, adapters, state types) ->
+strategies/ -> federated/ (the runtime) -> apps (cli, jobs, flower/). A module imports only its own
+layer or layers below it, also under ``TYPE_CHECKING`` and inside functions.
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,35 @@ def test_import_first(module, tmp_path):
     # run outside the checkout, so the installed package is imported as in the other tests
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+LAYERS = {"ops": 0, "reference": 0, "errors": 0, "_C": 0, "dp": 1, "data": 1, "core": 2, "strategies": 3,
+          "federated": 4, "reporting": 5, "run_folder": 5, "selfcheck": 5, "flower": 6, "jobs": 6, "cli": 7,
+          "__main__": 8}
+PACKAGE = Path(__file__).resolve().parents[1] / "fedlora_ext"
+
+
+def _layer(dotted: str) -> str:
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_layers_import_downwards_only():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = "fedlora_ext." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        own = _layer(module)
+        if own == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedlora_ext"):
+                targets = [node.module] if node.module != "fedlora_ext" else [f"fedlora_ext.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("fedlora_ext.")]
+            else:
+                continue
+            for target in targets:
+                theirs = _layer(target)
+                if theirs != "__init__" and LAYERS[theirs] > LAYERS[own]:
+                    upward.append(f"{path.relative_to(PACKAGE)}:{node.lineno} ({own}) imports {target} ({theirs})")
+    assert not upward, "\n".join(upward)

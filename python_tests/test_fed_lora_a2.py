@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from fedlora_ext.federated import Simulation, adapters
+from fedlora_ext.core import adapters
+from fedlora_ext.federated import Simulation
 from fedlora_ext.federated.comm import payload_bytes
 from fedlora_ext.strategies.lora_a2 import LoRAA2
 from fedtools import one_thread  # noqa: F401  (autouse fixture)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora_ext.federated import Simulation, adapters
+from fedlora_ext.core import adapters
+from fedlora_ext.federated import Simulation
 from fedlora_ext.federated.client import run_client_round
 from fedlora_ext.strategies.base import factor_kind
 from fedtools import one_thread  # noqa: F401  (autouse fixture)

@@ -18,9 +18,9 @@ flwr = pytest.importorskip("flwr")
 import torch  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
-from fedlora_ext.federated.config import FedConfig  # noqa: E402
+from fedlora_ext.core.config import FedConfig  # noqa: E402
 from fedlora_ext.federated.simulation import simulate  # noqa: E402
-from fedlora_ext.federated.validation import RejectedUpdate  # noqa: E402
+from fedlora_ext.core.validation import RejectedUpdate  # noqa: E402
 from fedlora_ext.flower import FedLoRAStrategy, FlowerRunError, config_from_run_config  # noqa: E402
 from fedlora_ext.flower.client_app import app as client_app  # noqa: E402
 from fedlora_ext.flower.records import from_arrays, to_arrays  # noqa: E402

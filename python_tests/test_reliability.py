@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora_ext.federated.checkpoint import read_checkpoint, save_checkpoint
-from fedlora_ext.federated.config import FedConfig
+from fedlora_ext.core.config import FedConfig
 from fedlora_ext.federated.robust import coordinate_median, trimmed_mean, update_norm
 from fedlora_ext.federated.simulation import Simulation, simulate
 from fedlora_ext.strategies.base import fedavg_weights

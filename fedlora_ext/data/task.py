@@ -17,8 +17,18 @@ from torch import nn
 
 from fedlora_ext.data.cache_key import token_cache_key
 from fedlora_ext.data.synthetic import synthetic_dataset
-from fedlora_ext.data.text import load_text, packaged_model_folder, resolve_model, tokenize
-from fedlora_ext.data.tiny_models import TINY, build_model, check_saved_head, check_seq_len
+from fedlora_ext.data.text import (
+    load_text,
+    packaged_model_folder,
+    resolve_model,
+    tokenize,
+)
+from fedlora_ext.data.tiny_models import (
+    TINY,
+    build_model,
+    check_saved_head,
+    check_seq_len,
+)
 
 
 @dataclass

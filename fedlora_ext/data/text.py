@@ -23,8 +23,14 @@ import numpy as np
 
 from fedlora_ext.data.cache_key import content_digest
 from fedlora_ext.data.labels import clean_rows, order_labels
-from fedlora_ext.data.sources import (DATA_SUFFIXES, MODEL_SUFFIXES, hub_unreachable, looks_like_path, read_hub,
-                                      read_local)
+from fedlora_ext.data.sources import (
+    DATA_SUFFIXES,
+    MODEL_SUFFIXES,
+    hub_unreachable,
+    looks_like_path,
+    read_hub,
+    read_local,
+)
 from fedlora_ext.data.tiny_models import TINY
 
 PACKAGED_MODEL = "minilm"

@@ -4,7 +4,12 @@ The drop-in (``FusedDPOptimizer``, ``fuse``) is imported lazily, so importing th
 import opacus's optimizers.
 """
 
-from fedlora_ext.dp.accountant import ACCOUNTANTS, PrivacyAccount, default_delta, noise_for_epsilon
+from fedlora_ext.dp.accountant import (
+    ACCOUNTANTS,
+    PrivacyAccount,
+    default_delta,
+    noise_for_epsilon,
+)
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.dp.sgd import ClientPrivacy, NoiseStream, noisy_gradients_, summed_loss
 

@@ -13,7 +13,12 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from fedlora_ext.dp.rdp import MAX_SIGMA, BudgetTooLow, rdp_epsilon, search_noise_multiplier
+from fedlora_ext.dp.rdp import (
+    MAX_SIGMA,
+    BudgetTooLow,
+    rdp_epsilon,
+    search_noise_multiplier,
+)
 
 ACCOUNTANTS = ("rdp", "prv")
 

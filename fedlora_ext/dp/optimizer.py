@@ -48,7 +48,11 @@ from collections.abc import Callable
 
 import torch
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import (
+    _check_processed_flag,
+    _generate_noise,
+    _mark_as_processed,
+)
 
 from fedlora_ext import ops
 from fedlora_ext.dp.sgd import NoiseStream

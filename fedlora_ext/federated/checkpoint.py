@@ -159,8 +159,8 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: Path) -> int:
     """Puts the checkpointed run into a freshly built ``sim`` (same config); returns the rounds done."""
+    from fedlora_ext.core.state import GlobalState
     from fedlora_ext.federated.comm import CommLedger
-    from fedlora_ext.strategies.base import GlobalState
 
     g = index["global"]
     sim.state = GlobalState(tensors={n: tensors[f"global/{n}"] for n in g["tensors"]},

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedlora_ext.core import adapters
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.dp.sgd import ClientPrivacy, noisy_gradients_, summed_loss
-from fedlora_ext.federated import adapters
-from fedlora_ext.federated.config import FedConfig
-from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+from fedlora_ext.strategies.base import Strategy
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedlora_ext.core.state import ClientState
 from fedlora_ext.dp.accountant import PrivacyAccount
 from fedlora_ext.dp.sgd import ClientPrivacy, NoiseStream
-from fedlora_ext.strategies.base import ClientState
 
 _TRANSIENT = ("a2_masks",)  # set by local_update and consumed by upload within one round
 

@@ -21,11 +21,12 @@ import math
 import torch
 
 from fedlora_ext import ops
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.dp.accountant import PrivacyAccount
 from fedlora_ext.dp.sgd import ClientPrivacy, NoiseStream
 from fedlora_ext.federated.client import derive_seed
-from fedlora_ext.federated.config import FedConfig
-from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+from fedlora_ext.strategies.base import Strategy
 
 
 def _noise_stream(config: FedConfig, *labels) -> NoiseStream:

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
+from fedlora_ext.core.state import ClientState, GlobalState, Reply
+from fedlora_ext.core.validation import RejectedUpdate
 from fedlora_ext.federated.client import derive_seed
 from fedlora_ext.federated.comm import CommLedger, payload_bytes
 from fedlora_ext.federated.robust import robust_update, update_norm
-from fedlora_ext.federated.validation import RejectedUpdate
-from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, Strategy
+from fedlora_ext.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from fedlora_ext.federated.privacy import ServerPrivacy

@@ -17,21 +17,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedlora_ext.core import adapters
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.task import build_task
-from fedlora_ext.errors import RunError
 from fedlora_ext.dp.per_sample import PerSampleGradients
-from fedlora_ext.federated import adapters
-from fedlora_ext.federated.checkpoint import read_checkpoint, restore, save_checkpoint, write_atomic
+from fedlora_ext.errors import RunError
+from fedlora_ext.federated.checkpoint import (
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+    write_atomic,
+)
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
-from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import eval_subset, evaluate
-from fedlora_ext.federated.partition import dirichlet_partition, iid_partition, split_train_test
+from fedlora_ext.federated.partition import (
+    dirichlet_partition,
+    iid_partition,
+    split_train_test,
+)
 from fedlora_ext.federated.privacy import ServerPrivacy, client_privacy, privacy_report
 from fedlora_ext.federated.server import Server
-# From the base module, not the package: ``import fedlora_ext.strategies`` imports the strategies, which
-# import ``fedlora_ext.federated`` (adapters) and so this module while the package is half initialised.
-from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, make_strategy
+from fedlora_ext.strategies.base import Strategy, make_strategy
 
 log = logging.getLogger("fedlora_ext.simulation")
 

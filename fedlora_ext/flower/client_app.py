@@ -17,15 +17,20 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.task import build_task
 from fedlora_ext.federated.client import ModelBench, run_client_round
 from fedlora_ext.federated.client_state import client_meta, restore_client
-from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import client_privacy
-from fedlora_ext.federated.simulation import client_model, initial_model, partition_clients
+from fedlora_ext.federated.simulation import (
+    client_model,
+    initial_model,
+    partition_clients,
+)
 from fedlora_ext.flower.records import config_from_record, from_arrays, to_arrays
-from fedlora_ext.strategies.base import ClientState, GlobalState, make_strategy
+from fedlora_ext.strategies.base import make_strategy
 from fedlora_ext.strategies.merging import MergingStrategy
 
 log = logging.getLogger("fedlora_ext.flower")

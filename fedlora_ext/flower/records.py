@@ -16,8 +16,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import Tensor
 
-from fedlora_ext.federated.config import FedConfig
-from fedlora_ext.federated.validation import RejectedUpdate
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.validation import RejectedUpdate
 
 _RAW = "fedlora.torch_raw"  # stype of a tensor NumPy cannot hold (bfloat16): its bytes, little-endian
 _RAW_DTYPES = {"bfloat16": torch.bfloat16}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora_ext.federated.config import FedConfig, preset
+from fedlora_ext.core.config import FedConfig, preset
 
 OPTIONS = {"node-timeout": 300.0, "round-timeout": 600.0}
 

@@ -19,22 +19,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState, Reply
+from fedlora_ext.core.validation import RejectedUpdate
 from fedlora_ext.data.task import build_task
 from fedlora_ext.federated.client import ModelBench
-from fedlora_ext.federated.config import FedConfig
 from fedlora_ext.federated.privacy import ServerPrivacy, privacy_report
 from fedlora_ext.federated.server import Server
 from fedlora_ext.federated.simulation import (
-    check_private_model, data_description, global_model, global_scores, initial_model, personal_evaluation,
-    privacy_metrics, round_metrics, save_adapter, write_run_config,
+    check_private_model,
+    data_description,
+    global_model,
+    global_scores,
+    initial_model,
+    personal_evaluation,
+    privacy_metrics,
+    round_metrics,
+    save_adapter,
+    write_run_config,
 )
-from fedlora_ext.federated.validation import RejectedUpdate
 from fedlora_ext.flower.records import config_record, from_arrays, to_arrays
-from fedlora_ext.strategies.base import ClientState, GlobalState, Reply, make_strategy
+from fedlora_ext.strategies.base import make_strategy
 
 log = logging.getLogger("fedlora_ext.flower")
 

@@ -11,67 +11,16 @@ the largest rank when ranks differ). All server math goes through :mod:`fedlora_
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fedlora_ext import ops
-from fedlora_ext.federated import adapters
-from fedlora_ext.federated.validation import check_tensors
-
-if TYPE_CHECKING:
-    from fedlora_ext.federated.client import LocalTrainer
-    from fedlora_ext.federated.config import FedConfig
-
-
-@dataclass
-class GlobalState:
-    """What the server holds between rounds.
-
-    Attributes:
-        tensors: global shared tensors by name (factors at the global rank, head).
-        base: merged base weights of adapted modules (FLoRA, FedEx-LoRA), float32, by module path;
-            empty while nothing was merged.
-        info: strategy bookkeeping (JSON-friendly scalars and lists).
-    """
-
-    tensors: dict[str, Tensor]
-    base: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ClientState:
-    """What one client keeps between rounds, in its own storage (never a shared model object).
-
-    Attributes:
-        cid: client id.
-        rank: its current adapter rank.
-        num_examples: local training examples (FedAvg weight n_k).
-        tensors: persistent local tensors (FedSA's B, a personalised head, standalone models).
-        info: scalars such as HetLoRA's last tail norm or the last round it took part in.
-        privacy: its DP-SGD state (``fedlora_ext.dp.ClientPrivacy``: account, secret noise stream) when
-            the run is private; it never leaves the client.
-    """
-
-    cid: int
-    rank: int
-    num_examples: int
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    privacy: Any = field(default=None, repr=False)
-
-
-@dataclass
-class Reply:
-    """A client's answer to the server: only what the method uploads."""
-
-    cid: int
-    num_examples: int
-    tensors: dict[str, Tensor]
-    metrics: dict[str, float] = field(default_factory=dict)
+from fedlora_ext.core import adapters
+from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.state import ClientState, GlobalState, Reply, Trainer
+from fedlora_ext.core.validation import check_tensors
 
 
 def fedavg_weights(replies: list[Reply]) -> Tensor:
@@ -209,7 +158,7 @@ class Strategy:
 
     def check_upload(self, tensors: Mapping[str, Tensor], template: Mapping[str, Tensor], client: ClientState,
                      round_index: int) -> None:
-        """Refuses (:class:`~fedlora_ext.federated.validation.RejectedUpdate`) an upload that is not what
+        """Refuses (:class:`~fedlora_ext.core.validation.RejectedUpdate`) an upload that is not what
         this method sends from a model like ``template`` (the shared tensors at the client's rank, e.g.
         meta tensors): other names, shapes or dtypes, or non-finite values."""
         kinds = self.upload_kinds(round_index)
@@ -238,7 +187,7 @@ class Strategy:
         """The most optimizer steps a client with ``num_examples`` takes in one round (privacy budget)."""
         return self.config.local_steps
 
-    def local_update(self, trainer: LocalTrainer, model: nn.Module, client: ClientState, round_index: int) -> float:
+    def local_update(self, trainer: Trainer, model: nn.Module, client: ClientState, round_index: int) -> float:
         """The local steps; returns the mean training loss."""
         return trainer.train(model, penalty=self.penalty(model, client))
 

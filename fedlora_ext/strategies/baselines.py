@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fedlora_ext.federated import adapters
-from fedlora_ext.strategies.base import GlobalState, Strategy, register
+from fedlora_ext.core import adapters
+from fedlora_ext.core.state import GlobalState
+from fedlora_ext.strategies.base import Strategy, register
 
 
 @register

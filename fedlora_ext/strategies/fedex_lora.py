@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from fedlora_ext.core.state import GlobalState
 from fedlora_ext.strategies.base import (
-    GlobalState, average_tensors, factor_kind, fedavg_weights, register,
+    average_tensors,
+    factor_kind,
+    fedavg_weights,
+    register,
 )
 from fedlora_ext.strategies.merging import MergingStrategy
 

@@ -7,7 +7,8 @@ Variants: ``fedsa_rslora`` (rsLoRA scaling alpha / sqrt(r); set ``rslora = true`
 
 from __future__ import annotations
 
-from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, factor_kind, register
+from fedlora_ext.core.state import ClientState, GlobalState
+from fedlora_ext.strategies.base import Strategy, factor_kind, register
 
 _SHARED = ("lora_A", "vera_d")
 
@@ -35,7 +36,7 @@ class FedSALoRA(Strategy):
         return {n: t for n, t in trained.items() if factor_kind(n) in _SHARED}
 
     def keep(self, model, client, round_index):
-        from fedlora_ext.federated import adapters
+        from fedlora_ext.core import adapters
 
         return {n: t.detach().clone() for n, t in adapters.shared_parameters(model).items() if factor_kind(n) not in _SHARED}
 

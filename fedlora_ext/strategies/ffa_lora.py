@@ -7,7 +7,8 @@ simulator keeps that one A in the server state.
 
 from __future__ import annotations
 
-from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy, factor_kind, register
+from fedlora_ext.core.state import ClientState, GlobalState
+from fedlora_ext.strategies.base import Strategy, factor_kind, register
 
 
 @register

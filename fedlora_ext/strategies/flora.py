@@ -8,8 +8,12 @@ download is the stacks of every merge the client missed: (sum_k r_k)(m + n) per 
 
 from __future__ import annotations
 
+from fedlora_ext.core.state import GlobalState
 from fedlora_ext.strategies.base import (
-    GlobalState, average_tensors, factor_kind, fedavg_weights, register,
+    average_tensors,
+    factor_kind,
+    fedavg_weights,
+    register,
 )
 from fedlora_ext.strategies.merging import MergingStrategy
 

@@ -13,9 +13,14 @@ import math
 
 import torch
 
-from fedlora_ext.federated import adapters
+from fedlora_ext.core import adapters
+from fedlora_ext.core.state import GlobalState
 from fedlora_ext.strategies.base import (
-    GlobalState, Strategy, average_tensors, factor_kind, fedavg_weights, register,
+    Strategy,
+    average_tensors,
+    factor_kind,
+    fedavg_weights,
+    register,
 )
 
 

@@ -21,10 +21,16 @@ import math
 import torch
 
 from fedlora_ext import ops
-from fedlora_ext.federated import adapters
-from fedlora_ext.federated.validation import RejectedUpdate, check_tensors
+from fedlora_ext.core import adapters
+from fedlora_ext.core.state import GlobalState
+from fedlora_ext.core.validation import RejectedUpdate, check_tensors
 from fedlora_ext.strategies.base import (
-    GlobalState, Strategy, average_tensors, factor_kind, fedavg_weights, rank_dim, register,
+    Strategy,
+    average_tensors,
+    factor_kind,
+    fedavg_weights,
+    rank_dim,
+    register,
 )
 
 

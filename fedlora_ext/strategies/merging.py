@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedlora_ext.federated import adapters
-from fedlora_ext.strategies.base import ClientState, GlobalState, Strategy
-
+from fedlora_ext.core import adapters
+from fedlora_ext.core.state import ClientState, GlobalState
+from fedlora_ext.strategies.base import Strategy
 
 _STACK_PREFIX = "round"  # download names of the stacks: "round<r>.<module>.B_stacked"
 

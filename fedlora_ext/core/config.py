@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 TASKS = ("classification", "causal_lm")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -38,6 +40,14 @@ class FedConfig:
             target_modules takes the architecture's default from peft's own mapping (BERT query/value,
             GPT-2 c_attn, Llama q_proj/v_proj, ...).
         client_ranks: per-client ranks (heterogeneous methods); empty means every client uses ``rank``.
+    Where and how precisely it runs:
+        device: ``"auto"`` (a GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``:
+            where the model trains and evaluates and the server aggregates.
+        model_dtype: the base model's weights: ``"auto"`` (the checkpoint's own dtype; float32 for the
+            tiny models), ``"float32"``, ``"bfloat16"`` or ``"float16"``. Adapters, the head, optimizer
+            state, per-sample gradients, clipping, noise and aggregation stay float32; over a 16-bit base
+            the forward runs under autocast.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
     Federation:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
@@ -69,7 +79,9 @@ class FedConfig:
         empty or missing label or text (their count is printed) instead of refusing the dataset;
         seq_len tokens per example; test_fraction: each client's own test split, held back only when
         clients' own models are evaluated (personalised methods, or personal_eval = true); otherwise
-        every example of a client trains.
+        every example of a client trains. Clients' own models are evaluated for the round's
+        participants each round, and for every client after the last round and every ``eval_every``
+        rounds (unset: only after the last).
         model ``"minilm"`` is the packaged MiniLM-L6.
     Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
         dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
@@ -94,6 +106,9 @@ class FedConfig:
     rslora: bool = False
     target_modules: tuple[str, ...] | None = None
     client_ranks: tuple[int, ...] = ()
+    device: str = "auto"
+    model_dtype: str = "auto"
+    gradient_checkpointing: bool = False
     num_clients: int = 4
     participation: float = 1.0
     rounds: int = 3
@@ -114,6 +129,7 @@ class FedConfig:
     eval_fraction: float = 0.2
     eval_examples: int | None = None
     personal_eval: bool = False
+    eval_every: int | None = None
     min_client_examples: int = 1
     max_examples: int | None = None
     text_column: str | None = None
@@ -154,6 +170,10 @@ class FedConfig:
             (self.alpha > 0, f"alpha must be > 0, got {self.alpha}"),
             (self.target_modules is None or len(self.target_modules) > 0,
              "target_modules must name at least one module (or be unset: the architecture's default)"),
+            (_is_device(self.device),
+             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}"),
+            (self.model_dtype in MODEL_DTYPES,
+             f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}"),
             (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
             (0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
@@ -174,6 +194,8 @@ class FedConfig:
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
             (self.eval_examples is None or self.eval_examples >= 1,
              f"eval_examples must be >= 1 or unset (the whole test split every round), got {self.eval_examples}"),
+            (self.eval_every is None or self.eval_every >= 1,
+             f"eval_every must be >= 1 or unset (every client after the last round only), got {self.eval_every}"),
             (self.max_examples is None or self.max_examples >= 2 * self.num_clients,
              f"max_examples must be >= 2 * num_clients ({2 * self.num_clients}) or unset, got {self.max_examples}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
@@ -313,6 +335,13 @@ class FedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _is_device(text: str) -> bool:
+    if text in ("auto", "cpu", "cuda"):
+        return True
+    kind, _, index = text.partition(":")
+    return kind == "cuda" and index.isdigit()
 
 
 def _field_types() -> dict[str, list[str]]:
