@@ -48,7 +48,7 @@ from opacus.optimizers import DPOptimizer  # noqa: E402
 from fedlora_ext.dp import (  # noqa: E402
     ClientPrivacy, FusedDPOptimizer, NoiseStream, PerSampleGradients, PrivacyAccount, noisy_gradients_, summed_loss,
 )
-from fedlora_ext.federated.adapters import AdapterSpec, attach_adapter, trainable_parameters  # noqa: E402
+from fedlora_ext.core.adapters import AdapterSpec, attach_adapter, trainable_parameters  # noqa: E402
 
 DEFAULT_JSON = harness.REPO_ROOT / "benchmarks" / "results" / "dp_cpu.json"
 LABELS, LR, SIGMA, MAX_NORM = 5, 1e-3, 1.0, 1.0
