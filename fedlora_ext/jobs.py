@@ -117,9 +117,24 @@ def describe(config: FedConfig, simulation) -> str:
     lines = [f"{config.method} on {data} with {config.model} ({spec.kind} r={config.rank} on "
              f"{','.join(spec.target_modules)}), {config.num_clients} clients ({split}), {config.rounds} rounds; "
              + (", ".join(privacy) or "no DP"),
-             f"  evaluated on {simulation.data['eval_split']}; {held}"]
+             f"  evaluated on {simulation.data['eval_split']}; {held}",
+             f"  on {where(simulation.bench)}"]
     lines += [f"  note: {note}" for note in simulation.data["notes"]]
     return "\n".join(lines)
+
+
+def where(bench) -> str:
+    """``cuda:0 (NVIDIA H200), bfloat16 base, float32 adapters, gradient checkpointing`` or ``cpu, float32``."""
+    import torch
+
+    from fedlora_ext.core.device import base_dtype
+
+    device = str(bench.device)
+    if bench.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(bench.device)})"
+    dtype = str(base_dtype(bench.base_model)).removeprefix("torch.")
+    text = f"{device}, {dtype} base" + (", float32 adapters and head under autocast" if dtype != "float32" else "")
+    return text + (", gradient checkpointing" if bench.config.gradient_checkpointing else "")
 
 
 def round_line(metrics: dict, rounds: int, steps: int) -> str:

@@ -163,6 +163,15 @@ def shared_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {**adapter_parameters(model), **head_parameters(model)}
 
 
+def trainables_to_float32(model: nn.Module) -> None:
+    """Adapters and the head in float32 over a 16-bit base: what trains, its optimizer state and its
+    per-sample gradients stay float32 (peft already keeps adapters float32; a saved head is loaded in
+    the base's dtype)."""
+    for p in shared_parameters(model).values():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def read_tensors(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """Detached copies of the named shared parameters (all of them when ``names`` is None)."""
     params = shared_parameters(model)
@@ -228,7 +237,7 @@ def is_fan_in_fan_out(model: nn.Module, module: str) -> bool:
 def merge_stacked_(W: Tensor, Bs: list[Tensor], As: list[Tensor], weights: Tensor, fan_in_fan_out: bool) -> None:
     """``W += sum_k weights_k B_k @ A_k`` in place (transposed for fan_in_fan_out), through the fused op."""
     with torch.no_grad():
-        ops.stacked_delta_(W, Bs, As, weights.to(torch.float32), 1.0, transpose=fan_in_fan_out)
+        ops.stacked_delta_(W, Bs, As, weights.to(W.device, torch.float32), 1.0, transpose=fan_in_fan_out)
 
 
 def rank_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

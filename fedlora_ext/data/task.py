@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fedlora_ext.data.cache_key import token_cache_key
@@ -61,7 +62,7 @@ def build_task(config) -> Task:
         train = synthetic_dataset(config.task, config.num_examples, config.seq_len, config.num_labels, config.seed)
         n_test = max(config.num_examples // 4, 8)
         test = synthetic_dataset(config.task, n_test, config.seq_len, config.num_labels, config.seed + 1)
-        model = build_model(model_name, config.task, config.num_labels, config.seed)
+        model = build_model(model_name, config.task, config.num_labels, config.seed, dtype=_dtype(config))
         return Task(train, test, model, [],
                     f"a separate synthetic test set ({n_test} examples, seed {config.seed + 1})")
     from transformers import AutoTokenizer
@@ -85,7 +86,8 @@ def build_task(config) -> Task:
         if tokenizer.eos_token is None:
             raise ValueError(f"model {config.model!r}: its tokenizer has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = build_model(model_name, config.task, len(label_names), config.seed, vocab_size=len(tokenizer))
+    model = build_model(model_name, config.task, len(label_names), config.seed, vocab_size=len(tokenizer),
+                        dtype=_dtype(config))
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
     content = hashlib.sha256(json.dumps([text.fingerprint, label_names]).encode()).hexdigest()
     cache = _cache_files(config, token_cache_key(content, tokenizer, tokenizer_source, seq_len=config.seq_len,
@@ -93,6 +95,11 @@ def build_task(config) -> Task:
     train = tokenize(train_data, tokenizer, config.seq_len, config.task, cache and cache[0])
     test = tokenize(test_data, tokenizer, config.seq_len, config.task, cache and cache[1])
     return Task(train, test, model, label_names, text.eval_split, tuple(notes), content)
+
+
+def _dtype(config) -> torch.dtype | None:
+    """``model_dtype`` as a torch dtype (None: ``auto``, the checkpoint's own)."""
+    return None if config.model_dtype == "auto" else getattr(torch, config.model_dtype)
 
 
 def _follow_saved_head(model_name: str, label_names: list[str], train, test, notes: list[str]):

@@ -12,7 +12,8 @@ VOCAB = 64
 _HIDDEN, _LAYERS, _HEADS, _FFN, _POSITIONS = 32, 2, 2, 64, 128
 
 
-def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size: int = VOCAB) -> nn.Module:
+def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size: int = VOCAB,
+                dtype: torch.dtype | None = None) -> nn.Module:
     """A model for ``task`` (``"classification"`` or ``"causal_lm"``), deterministic for a seed.
 
     Args:
@@ -21,6 +22,8 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
         num_labels: classes for classification.
         seed: initialisation seed of the tiny models (pretrained folders ignore it).
         vocab_size: of the tiny models (a real tokenizer's size when they read real text).
+        dtype: of the weights; None: a folder's own (its config's ``dtype``), float32 for the tiny models.
+            A folder is loaded straight into it, tensor by tensor (never a float32 copy first).
     """
     import transformers as tf
 
@@ -30,7 +33,9 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
             check_saved_head(name, num_labels)
         auto = tf.AutoModelForSequenceClassification if classification else tf.AutoModelForCausalLM
         # safetensors only: a pickled checkpoint (.bin) in a folder someone handed us could run code
-        kwargs = {"num_labels": num_labels, "use_safetensors": True} if classification else {"use_safetensors": True}
+        kwargs = {"use_safetensors": True, "low_cpu_mem_usage": True, "dtype": dtype or "auto"}
+        if classification:
+            kwargs["num_labels"] = num_labels
         try:
             return auto.from_pretrained(name, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as error:  # no weights, a bad config, a size mismatch
@@ -56,9 +61,10 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return cls(config)
+        model = cls(config)
     finally:
         torch.random.set_rng_state(state)
+    return model if dtype is None else model.to(dtype)  # drawn in float32, so every dtype starts from one draw
 
 
 def _one_line(text: str) -> str:

@@ -94,10 +94,12 @@ class PerSampleGradients:
         self.grad_samples[i] = value if self.grad_samples[i] is None else self.grad_samples[i] + value
 
     def _linear_grads(self, layer: nn.Linear, x: Tensor, grad: Tensor) -> None:
+        # in the parameter's precision, at least float32: under autocast the output gradient is 16-bit
+        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
         batch = grad.shape[0]
-        g = grad.reshape(batch, -1, grad.shape[-1])
+        g = grad.reshape(batch, -1, grad.shape[-1]).to(dtype)
         if layer.weight.requires_grad:
-            inputs = x.reshape(batch, -1, x.shape[-1]).to(g.dtype)
+            inputs = x.reshape(batch, -1, x.shape[-1]).to(dtype)
             self._add(layer.weight, torch.bmm(g.transpose(1, 2), inputs))  # sum_t g_t x_t^T
         if layer.bias is not None and layer.bias.requires_grad:
             self._add(layer.bias, g.sum(1))

@@ -51,7 +51,7 @@ def _pack(value: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
     Dicts keep their key types (FLoRA's stacks are keyed by round numbers)."""
     if isinstance(value, Tensor):
         key = f"{prefix}{len(tensors)}"
-        tensors[key] = value.detach().contiguous()
+        tensors[key] = value.detach().cpu().contiguous()
         return {"tensor": key}
     if isinstance(value, dict):
         return {"dict": [[k, _pack(v, tensors, prefix)] for k, v in value.items()]}
@@ -77,13 +77,13 @@ def save_checkpoint(sim: Simulation, rounds_done: int, run_dir: Path) -> Path:
     tensors: dict[str, Tensor] = {"rng/torch": torch.get_rng_state()}
     state = sim.state
     for name, t in state.tensors.items():
-        tensors[f"global/{name}"] = t.detach().contiguous()
+        tensors[f"global/{name}"] = t.detach().cpu().contiguous()
     for name, t in state.base.items():
-        tensors[f"base/{name}"] = t.detach().contiguous()
+        tensors[f"base/{name}"] = t.detach().cpu().contiguous()
     clients = []
     for client in sim.clients:
         for name, t in client.tensors.items():
-            tensors[f"client{client.cid}/{name}"] = t.detach().contiguous()
+            tensors[f"client{client.cid}/{name}"] = t.detach().cpu().contiguous()
         clients.append({**client_meta(client, secret=False), "tensors": sorted(client.tensors),
                         "info": _pack(client.info, tensors, f"client{client.cid}-info/")})
     server = sim.server.privacy
@@ -158,10 +158,12 @@ def read_checkpoint(run_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: Path) -> int:
-    """Puts the checkpointed run into a freshly built ``sim`` (same config); returns the rounds done."""
+    """Puts the checkpointed run into a freshly built ``sim`` (same config); returns the rounds done.
+    The checkpoint's CPU tensors go to the run's device, where the uninterrupted run kept them."""
     from fedlora_ext.core.state import GlobalState
     from fedlora_ext.federated.comm import CommLedger
 
+    tensors = {k: v if k.startswith("rng/") else v.to(sim.bench.device) for k, v in tensors.items()}
     g = index["global"]
     sim.state = GlobalState(tensors={n: tensors[f"global/{n}"] for n in g["tensors"]},
                             base={n: tensors[f"base/{n}"].clone() for n in g["base"]},

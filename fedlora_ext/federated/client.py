@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_ext.core import adapters
+from fedlora_ext.core.device import autocast, base_dtype, model_device, resolve_device, resolve_dtype, to_device
 from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.dp.sgd import ClientPrivacy, noisy_gradients_, summed_loss
-from fedlora_ext.strategies.base import Strategy
+from fedlora_ext.strategies.base import Strategy, make_strategy
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -31,15 +32,24 @@ def derive_seed(*parts: int | str) -> int:
 
 
 class ModelBench:
-    """One peft model per rank, built lazily from one base model and reused by every client of that
-    rank. ``checkout`` resets it completely: base weights from the global state (or the pristine base),
-    adapters re-initialised from a seed; the strategy then loads its tensors."""
+    """One peft model per rank over ONE set of base weights, reused by every client of that rank.
 
-    def __init__(self, config: FedConfig, base_model: nn.Module) -> None:
+    Each rank's model is a shallow shell of the base model (its own module objects, the base's
+    parameters and buffers themselves) with that rank's adapters attached, so clients at ranks 8, 4, 2
+    and 1 hold the base once. The base is put on the run's device and dtype once; adapters and the
+    head are float32 whatever the base's dtype. ``checkout`` resets a model completely: base weights
+    from the global state (merging methods only; the pristine copy of the adapted weights exists only
+    for them), adapters re-initialised from a seed, the initial head; the strategy then loads its tensors.
+    """
+
+    def __init__(self, config: FedConfig, base_model: nn.Module, *, merges: bool | None = None) -> None:
         self.config = config
-        self._base = base_model
+        self.device = resolve_device(config.device)
+        # whether the method merges into the base (None: as config.method's strategy says)
+        self.merges = make_strategy(config).merges_base if merges is None else merges
+        self._base = place_base(base_model, self.device, resolve_dtype(config.model_dtype))
         self._models: dict[int, nn.Module] = {}
-        self._pristine: dict[str, Tensor] = {}  # base weights of adapted modules, before any merge
+        self._pristine: dict[str, Tensor] = {}  # base weights of adapted modules before any merge (merging methods)
         self._heads: dict[str, Tensor] = {}  # initial head, identical for every rank's model
         self.spec = adapters.AdapterSpec(kind=config.adapter, rank=config.rank, alpha=config.alpha,
                                          target_modules=config.target_modules
@@ -47,14 +57,23 @@ class ModelBench:
                                          rslora=config.rslora)
 
     @property
+    def base_model(self) -> nn.Module:
+        """The one base model every rank's model shares (on the run's device, in its dtype)."""
+        return self._base
+
+    @property
     def task_type(self) -> str:
         return "SEQ_CLS" if self.config.task == "classification" else "CAUSAL_LM"
 
     def model(self, rank: int) -> nn.Module:
         if rank not in self._models:
-            model = adapters.attach_adapter(copy.deepcopy(self._base), self.spec, self.task_type, rank=rank)
+            model = adapters.attach_adapter(shares_weights_with(self._base), self.spec, self.task_type, rank=rank)
+            adapters.trainables_to_float32(model)
+            if self.config.gradient_checkpointing:
+                enable_gradient_checkpointing(model, self.config.model)
             if not self._models:
-                self._pristine = {n: w.detach().clone() for n, w in adapters.base_weights(model).items()}
+                if self.merges:
+                    self._pristine = {n: w.detach().clone() for n, w in adapters.base_weights(model).items()}
                 self._heads = {n: p.detach().clone() for n, p in adapters.head_parameters(model).items()}
             self._models[rank] = model
         return self._models[rank]
@@ -65,19 +84,56 @@ class ModelBench:
         return {n: torch.empty_like(p, device="meta") for n, p in adapters.shared_parameters(self.model(rank)).items()}
 
     def pristine_base(self) -> dict[str, Tensor]:
-        """Base weights of the adapted modules as loaded, before any merge."""
-        return self._pristine
+        """Base weights of the adapted modules as loaded, before any merge: a copy kept for merging
+        methods, the live (never merged) weights themselves for the others."""
+        if self.merges:
+            self.model(self.config.rank)  # the copy is taken when the first model is built
+            return self._pristine
+        model = next(iter(self._models.values()), None) or self.model(self.config.rank)
+        return {n: w.detach() for n, w in adapters.base_weights(model).items()}
 
     def checkout(self, rank: int, state: GlobalState, seed: int) -> nn.Module:
         """The rank's model with the global base weights and freshly initialised adapters."""
         model = self.model(rank)
-        with torch.no_grad():
-            for name, weight in adapters.base_weights(model).items():
-                weight.copy_(state.base.get(name, self._pristine[name]))
+        if self.merges:  # the merged base is kept float32 in the state; the model holds it in its own dtype
+            with torch.no_grad():
+                for name, weight in adapters.base_weights(model).items():
+                    weight.copy_(state.base.get(name, self._pristine[name]))
         adapters.reset_adapters(model, seed)
         adapters.write_tensors(model, self._heads)
         model.train()
         return model
+
+
+def place_base(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """The base model on ``device`` in ``dtype`` (None: as loaded), in place, frozen."""
+    if dtype is not None and base_dtype(model) != dtype:
+        model.to(dtype=dtype)
+    model.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def shares_weights_with(base: nn.Module) -> nn.Module:
+    """A copy of ``base``'s module tree whose parameters and buffers ARE the base's (no weight is
+    copied): peft can wrap its modules without touching ``base``, and every copy sees one set of weights."""
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def enable_gradient_checkpointing(model: nn.Module, name: str) -> None:
+    """Recomputes each block's activations in the backward pass (non-reentrant, so frozen inputs need
+    no gradient and per-sample hooks see each layer once)."""
+    inner = model.get_base_model()
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: model {name!r} ({type(inner).__name__}) does not support it; "
+                         "set gradient_checkpointing = false")
+    if getattr(inner.config, "use_cache", None):  # a KV cache is useless in training and clashes with it
+        inner.config.use_cache = False
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class LocalTrainer:
@@ -132,10 +188,12 @@ class LocalTrainer:
         steps = steps or self.config.local_steps
         if self.privacy is not None:
             return self._private_steps(model, params, optimizer, regulariser, masks or {}, steps)
-        losses = []
+        losses, device = [], model_device(model)
         for batch in self.batches(steps):
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+            batch = to_device(batch, device)
+            with autocast(model):  # a no-op over a float32 base
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss.float()
             total = loss if regulariser is None else loss + regulariser()
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -169,6 +227,7 @@ class LocalTrainer:
         names, tensors = list(params), list(params.values())
         mask_list = [masks.get(n) for n in names]
         n, rate = len(self.data), privacy.account.sample_rate
+        device = model_device(model)
         losses, counts = [], []
         with PerSampleGradients(model, tensors) as collector:
             for _ in range(steps):
@@ -177,7 +236,8 @@ class LocalTrainer:
                 collector.clear()
                 optimizer.zero_grad(set_to_none=True)
                 if len(chosen):
-                    loss = summed_loss(model, self.data[chosen.tolist()])
+                    with autocast(model):
+                        loss = summed_loss(model, to_device(self.data[chosen.tolist()], device))
                     loss.backward()
                     losses.append(float(loss.detach()))
                     counts.append(len(chosen))

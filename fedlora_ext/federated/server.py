@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from fedlora_ext.core.state import ClientState, GlobalState, Reply
@@ -30,13 +31,14 @@ class Server:
     """Holds the global state between rounds and accounts every byte sent and received."""
 
     def __init__(self, strategy: Strategy, state: GlobalState, seed: int, privacy: ServerPrivacy | None = None,
-                 template: Callable[[int], dict[str, Tensor]] | None = None) -> None:
+                 template: Callable[[int], dict[str, Tensor]] | None = None, device: torch.device | None = None) -> None:
         self.strategy = strategy
         self.state = state
         self.seed = seed
         self.ledger = CommLedger()
         self.privacy = privacy
         self.template = template  # rank -> the shared tensors of a model at that rank (meta), for checks
+        self.device = device  # where the global state lives and uploads are aggregated (None: where they come)
         self._trains_at: dict[int, int] = {}  # cid -> the rank it was configured with this round
         self._sent: dict[int, dict[str, Tensor]] = {}  # cid -> what it downloaded this round
 
@@ -82,6 +84,8 @@ class Server:
         """Accounts a client's upload and checks it against what the method sends at the client's rank;
         returns the reason it is rejected (logged, and it must not be aggregated) or None."""
         self.ledger.record("up", reply.cid, payload_bytes(reply.tensors))
+        if self.device is not None:  # uploads that crossed a network arrive as CPU tensors
+            reply.tensors = {n: t.to(self.device) for n, t in reply.tensors.items()}
         if self.template is None:
             return None
         try:

@@ -2,9 +2,10 @@
 
 Every message carries the run's configuration from the server; the node's ``node_config`` says which
 client it is (``partition-id``, and ``num-partitions`` must equal ``num_clients``), optionally its
-adapter ``rank``. The client's state (kept tensors, account, noise key and offset, merged base) lives
-in ``context.state`` on the node: the key never leaves it. Replies hold only what the method uploads,
-the loss, the rank and the epsilon spent so far.
+adapter ``rank`` and its ``device`` (``"cuda:1"``: where this node trains, instead of the run's
+``device``; transport stays CPU arrays). The client's state (kept tensors, account, noise key and
+offset, merged base) lives in ``context.state`` on the node: the key never leaves it. Replies hold
+only what the method uploads, the loss, the rank and the epsilon spent so far.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora_ext.core.config import FedConfig
+from fedlora_ext.core.device import resolve_device
 from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.task import build_task
 from fedlora_ext.federated.client import ModelBench, run_client_round
@@ -58,6 +60,23 @@ def node_identity(node_config, config: FedConfig) -> tuple[int, int | None]:
     return cid, rank
 
 
+def node_device(node_config, config: FedConfig) -> str:
+    """The device this node trains on: its ``node_config`` ``device`` when set (checked against what
+    torch sees here), else the run's ``device``."""
+    device = node_config.get("device")
+    if device is None or device == "":
+        return config.device
+    try:
+        config.replace(device=device)  # FedConfig's check of the format: 'auto', 'cpu', 'cuda', 'cuda:N'
+    except ValueError as error:
+        raise ValueError(str(error).replace("FedConfig: ", "node_config: ", 1)) from None
+    try:
+        resolve_device(device)
+    except ValueError as error:
+        raise ValueError(f"node_config: {error}") from None
+    return device
+
+
 class NodeRuntime:
     """What a node builds once per run and configuration: its data shard, the model bench, the
     strategy with its shared initial state (seeded exactly as on the server and in the simulator)."""
@@ -69,7 +88,7 @@ class NodeRuntime:
         task = build_task(config.replace(out_dir=None))
         client, self.train_data, self.test_data = partition_clients(config, self.strategy, task.train)[cid]
         self.num_examples = client.num_examples
-        self.bench = ModelBench(config, task.model)
+        self.bench = ModelBench(config, task.model, merges=self.strategy.merges_base)
         self.initial = self.strategy.init_state(initial_model(self.bench, self.strategy))
 
     def new_client(self) -> ClientState:
@@ -107,6 +126,9 @@ def runtime(message: Message, context: Context) -> tuple[NodeRuntime, FedConfig]
     cid, rank = node_identity(context.node_config, config)
     if rank is not None and config.ranks()[cid] != rank:
         config = config.replace(client_ranks=tuple(rank if c == cid else r for c, r in enumerate(config.ranks())))
+    device = node_device(context.node_config, config)
+    if device != config.device:  # the node's own device: part of the cache key, so one runtime per device
+        config = config.replace(device=device)
     key = (context.run_id, context.node_id, json.dumps(config.to_dict(), sort_keys=True))
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one run per node process at a time: drop an earlier run's models

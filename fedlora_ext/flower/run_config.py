@@ -4,6 +4,9 @@
 any other FedConfig key overrides it (``-`` and ``_`` alike). Flower's values are scalars, so a tuple
 is written ``"8,4,2"``, ``""`` keeps the preset's value (the app declares every key that way, as
 Flower only accepts declared keys) and ``"none"`` unsets one (``dirichlet_alpha = "iid"`` too).
+``device`` (``"cuda:1"``), ``model-dtype`` (``"bfloat16"``), ``gradient-checkpointing`` (``true`` or
+``"true"``) and ``eval-every`` are keys like any other; a node's ``node_config`` ``device`` overrides
+the run's ``device`` on that node (``fedlora_ext.flower.client_app.node_device``).
 ``node-timeout`` and ``round-timeout`` are seconds to wait for the nodes and for a round's replies;
 ``overwrite`` (the ServerApp's) lets a run replace the run already in ``out-dir``.
 """

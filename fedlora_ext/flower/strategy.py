@@ -122,12 +122,13 @@ class FedLoRAStrategy(FlowerStrategy):
         torch.manual_seed(config.seed)
         task = build_task(config.replace(out_dir=None))
         self.test_data, self.label_names = task.test, task.label_names
-        self.bench = ModelBench(config, task.model)
+        self.bench = ModelBench(config, task.model, merges=strategy.merges_base)
         init = initial_model(self.bench, strategy)
         if config.sample_dp:
             check_private_model(config, strategy, init)
         privacy = ServerPrivacy(config, strategy, config.num_clients) if config.server_dp else None
-        self.server = Server(strategy, strategy.init_state(init), config.seed, privacy, self.bench.template)
+        self.server = Server(strategy, strategy.init_state(init), config.seed, privacy, self.bench.template,
+                             device=self.bench.device)
         self.nodes = dict(nodes)
         self.clients = [ClientState(cid=c, rank=strategy.client_rank(config.ranks()[c]), num_examples=num_examples[c])
                         for c in sorted(nodes)]

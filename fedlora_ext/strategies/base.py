@@ -51,6 +51,7 @@ def average_tensors(replies: list[Reply], names: list[str], weights: Tensor,
     averaged = {}
     for name in names:
         xs = [r.tensors[name] for r in replies]
+        weights = weights.to(xs[0].device)  # the weights are built on the CPU; the tensors may be on a GPU
         dim = rank_dim(name)
         if dim is None:  # no rank dimension: a plain weighted mean over a flat view
             flat = ops.weighted_sum([x.reshape(1, -1) for x in xs], weights, 0, 1)
@@ -73,6 +74,8 @@ class Strategy:
     global_model: ClassVar[bool] = True
     #: whether the server update is an average of uploaded tensors, so DP-FedAvg can replace it
     averages_updates: ClassVar[bool] = False
+    #: whether the method merges adapters into the base weights (its models need the pristine base)
+    merges_base: ClassVar[bool] = False
     #: adapter kinds the method supports
     adapter_kinds: ClassVar[tuple[str, ...]] = ("lora",)
 

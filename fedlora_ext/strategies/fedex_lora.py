@@ -30,7 +30,7 @@ class FedExLoRA(MergingStrategy):
         p = fedavg_weights(replies)
         averaged = average_tensors(replies, list(replies[0].tensors), p)
         s = self.scaling()
-        weights = torch.cat([p * s, torch.tensor([-s])])
+        weights = torch.cat([p * s, torch.tensor([-s])])  # CPU; merge_stacked_ moves them
         modules = sorted({n.rsplit(".", 1)[0] for n in averaged if factor_kind(n) == "lora_A"})
         for module in modules:
             Bs = [r.tensors[f"{module}.lora_B"] for r in replies] + [averaged[f"{module}.lora_B"]]

@@ -158,7 +158,7 @@ class LoRAA2(Strategy):
             if factor_kind(name) != factor:
                 continue
             dim, r = rank_dim(name), current.shape[rank_dim(name)]
-            deltas, weights = [], torch.zeros(len(replies), r)
+            deltas, weights = [], torch.zeros(len(replies), r, device=current.device)
             for k, reply in enumerate(replies):
                 dense = torch.zeros_like(current)
                 if f"{name}_ranks" in reply.tensors:

@@ -25,6 +25,8 @@ class MergingStrategy(Strategy):
     and the stacks it missed; in the simulator its base is already the merged one (the server's), so
     prepare loads only the global tensors."""
 
+    merges_base = True
+
     def download(self, state: GlobalState, client: ClientState, round_index: int) -> dict[str, Tensor]:
         return {**self.missed_stacks(state, client), **{n: t.clone() for n, t in state.tensors.items()}}
 
