@@ -110,6 +110,8 @@ def summary_row(name: str, history: Sequence[Mapping]) -> dict:
     """One line of a comparison: final and best accuracy, bytes, epsilon, seconds."""
     key = accuracy_key(history)
     acc = _series(history, key)[1]
+    if key == "personal_accuracy":  # rounds that scored only their participants are not comparable
+        acc = _series([row for row in history if row.get("personal_scope", "all") == "all"], key)[1] or acc
     eps = [row["epsilon_max"] for row in history if "epsilon_max" in row]
     personal = _series(history, "personal_accuracy")[1]
     return {

@@ -86,7 +86,8 @@ def assert_same_run(sim, flower) -> None:
     assert sim.ledger.rounds == flower.server.ledger.rounds
     for s, f in zip(sim.history, flower.history, strict=True):
         for key in ("clients", "train_loss", "bytes_up", "bytes_down", "test_accuracy", "test_loss",
-                    "personal_accuracy", "personal_loss", "epsilon", "epsilon_max", "server_epsilon"):
+                    "personal_accuracy", "personal_loss", "personal_scope", "personal_clients", "epsilon",
+                    "epsilon_max", "server_epsilon"):
             assert s.get(key) == f.get(key), key
 
 
@@ -107,6 +108,17 @@ def test_partial_participation_and_dp_match_the_simulator():
     assert_same_run(sim, flower)
     report = flower.finish()
     assert set(report["clients"]) <= {"0", "1", "2"} and report["epsilon_max"] <= 8.0 + 1e-9
+
+
+def test_personal_evaluation_follows_the_participants_as_in_the_simulator():
+    """FedSA-LoRA at 2 of 3 clients a round: the round's participants evaluate their own models, every
+    client after the last round (and every eval_every rounds), on Flower as in the simulator."""
+    config = small("fedsa_lora", participation=0.67, rounds=3, eval_every=2)
+    sim = simulate(config, progress=False)
+    flower, _ = run_flower(config)
+    assert_same_run(sim, flower)
+    assert [m["personal_scope"] for m in flower.history] == ["participants", "all", "all"]
+    assert flower.history[0]["personal_clients"] == len(flower.history[0]["clients"]) == 2
 
 
 def test_dp_fedavg_on_flower_matches_the_simulator():

@@ -71,13 +71,14 @@ class Simulation:
         base = base_model if base_model is not None else task.model
         self.label_names = task.label_names if task is not None else []
         self.data = data_description(task, self.train_data, self.test_data)
-        self.bench = ModelBench(config, base)
+        self.bench = ModelBench(config, base, merges=self.strategy.merges_base)
         self.clients, self.client_data = self._make_clients()
         init = initial_model(self.bench, self.strategy)
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
             check_private_model(config, self.strategy, init)
         server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
-        self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template)
+        self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template,
+                             device=self.bench.device)
         self.history: list[dict] = []
         self.rounds_done = 0
 
@@ -149,7 +150,8 @@ class Simulation:
         if exhausted:
             metrics["budget_exhausted"] = exhausted
         metrics.update(self.privacy_metrics(list(trained_any.values())))
-        metrics.update(self.evaluate(round_index))
+        replied = {r.cid for r in replies}  # this round's participants: see evaluate()
+        metrics.update(self.evaluate(round_index, [c for c in self.clients if c.cid in replied]))
         finished = time.perf_counter()
         metrics.update(seconds=finished - started, seconds_train=trained_at - started,
                        seconds_dp=sum(r.metrics.get("dp_seconds", 0.0) for r in replies),
@@ -215,14 +217,27 @@ class Simulation:
         payload = self.strategy.download(self.state, client, round_index)
         return client_model(self.bench, self.strategy, self.state, client, payload, round_index)
 
-    def evaluate(self, round_index: int) -> dict[str, float]:
+    def evaluate(self, round_index: int, participants: list[ClientState] | None = None) -> dict:
+        """The global model's scores (methods with one) and, under :func:`personal_evaluation`, the mean
+        of the clients' own models' scores on their own test splits (``personal_accuracy`` /
+        ``personal_loss``): of the round's ``participants`` (``step`` passes the clients whose reply
+        arrived and passed the server's checks in the round's last attempt; a client whose reply was
+        lost, late or rejected is left out, as a deployment would not hear from it), or of every client
+        when :func:`personal_scope` says ``"all"`` (after the last round and every ``eval_every`` rounds)
+        or ``participants`` is None. ``personal_scope`` and ``personal_clients`` (how many clients with a
+        non-empty test split were evaluated; accuracy and loss are absent when none was) say which.
+        Per round it costs the participants, not the population; the scope depends only on the config,
+        the round and its participants, so a resumed run evaluates as the uninterrupted one."""
         results = {}
         if self.strategy.global_model:
             results.update(global_scores(self.global_model(), self.config, self.test_data, self.label_names,
                                          round_index))
         if personal_evaluation(self.config, self.strategy):
+            scope = "all" if participants is None else personal_scope(self.config, round_index)
+            clients = self.clients if scope == "all" else participants
             per_client = [evaluate(self.client_model(c, round_index), self.client_data[c.cid][1])
-                          for c in self.clients if len(self.client_data[c.cid][1])]
+                          for c in clients if len(self.client_data[c.cid][1])]
+            results.update(personal_scope=scope, personal_clients=len(per_client))
             if per_client:
                 results["personal_accuracy"] = float(np.mean([s["accuracy"] for s in per_client]))
                 results["personal_loss"] = float(np.mean([s["loss"] for s in per_client]))
@@ -419,6 +434,14 @@ def personal_evaluation(config: FedConfig, strategy: Strategy) -> bool:
     return strategy.personalised or config.personal_eval
 
 
+def personal_scope(config: FedConfig, round_index: int) -> str:
+    """Whose own models a round evaluates (under :func:`personal_evaluation`): ``"all"`` clients after
+    the last round and after every ``eval_every``-th round, else the round's ``"participants"``."""
+    last = round_index == config.rounds - 1
+    every = config.eval_every is not None and (round_index + 1) % config.eval_every == 0
+    return "all" if last or every else "participants"
+
+
 def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list[tuple[ClientState, object, object]]:
     """Every client's state (no privacy yet), training split and own test split (empty unless
     :func:`personal_evaluation`), seeded: the same on the simulator and on every Flower node, which
@@ -448,9 +471,9 @@ def save_adapter(path: Path, strategy: Strategy, state: GlobalState, pristine: d
     to a temporary file and renamed, so a crash never leaves half a file."""
     from safetensors.torch import save_file
 
-    tensors = {n: t.contiguous() for n, t in strategy.global_tensors(state).items()}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in strategy.global_tensors(state).items()}
     for module, weight in state.base.items():
-        tensors[f"base_delta.{module}"] = (weight - pristine[module]).contiguous()
+        tensors[f"base_delta.{module}"] = (weight - pristine[module].to(weight)).cpu().contiguous()
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata={"method": strategy.config.method, "rounds": str(strategy.config.rounds)})

@@ -44,6 +44,7 @@ from fedlora_ext.federated.simulation import (
     global_scores,
     initial_model,
     personal_evaluation,
+    personal_scope,
     privacy_metrics,
     round_metrics,
     save_adapter,
@@ -273,12 +274,18 @@ class FedLoRAStrategy(FlowerStrategy):
     # ---- evaluation ------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Personalised methods (and ``personal_eval``): every client evaluates its own model."""
+        """Personalised methods (and ``personal_eval``): the round's participants (the clients whose
+        reply was aggregated) evaluate their own models, and every client does after the last round and
+        every ``eval_every`` rounds (:func:`personal_scope`, as in the simulator)."""
         if not personal_evaluation(self.config, self.strategy):
             return []
         round_index = server_round - 1
+        scope = personal_scope(self.config, round_index)
+        replied = set(self._round["metrics"].get("clients", []))
+        self._round["personal_scope"] = scope
+        chosen = [c for c in self.clients if scope == "all" or c.cid in replied]
         return [self._message(c, MessageType.EVALUATE, round_index, self.strategy.download(self.state, c, round_index))
-                for c in self.clients]
+                for c in chosen]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Global evaluation on the server's test split, the clients' scores, and the round's record."""
@@ -289,6 +296,8 @@ class FedLoRAStrategy(FlowerStrategy):
                                          self.test_data, self.label_names, server_round - 1))
         personal = [r.content["metrics"] for r in replies if not r.has_error() and "metrics" in r.content]
         personal = [m for m in personal if m["num-examples"] > 0]
+        if "personal_scope" in self._round:
+            metrics.update(personal_scope=self._round.pop("personal_scope"), personal_clients=len(personal))
         if personal:
             metrics["personal_accuracy"] = float(np.mean([m["accuracy"] for m in personal]))
             metrics["personal_loss"] = float(np.mean([m["loss"] for m in personal]))
