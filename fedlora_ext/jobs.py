@@ -105,6 +105,11 @@ def describe(config: FedConfig, simulation) -> str:
     data = f"{config.dataset} ({len(simulation.train_data)} train / {len(simulation.test_data)} test"
     data += f", {len(simulation.label_names)} labels)" if simulation.label_names else ")"
     split = "IID" if config.dirichlet_alpha is None else f"Dirichlet {config.dirichlet_alpha:g}"
+    if config.task == "sft":
+        from fedlora_ext.federated.simulation import label_skew_possible
+
+        split = (f"{split} over categories" if label_skew_possible(config, simulation.train_data)
+                 and config.dirichlet_alpha is not None else "IID: no categories to skew")
     privacy = []
     if config.sample_dp:
         privacy.append(f"DP-SGD epsilon <= {config.dp_epsilon:g} per client" if config.dp_epsilon is not None
@@ -142,6 +147,12 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     key = "test_accuracy" if "test_accuracy" in metrics else "personal_accuracy"
     if key in metrics:
         parts.append(f"accuracy {metrics[key]:.3f}")
+    for who in ("test", "personal"):  # SFT: perplexity over response tokens, exact match of generation
+        if f"{who}_perplexity" in metrics:
+            parts.append(f"ppl {metrics[f'{who}_perplexity']:.2f}")
+            if f"{who}_exact_match" in metrics:
+                parts.append(f"exact match {metrics[f'{who}_exact_match']:.3f}")
+            break
     if "epsilon_max" in metrics:
         parts.append(f"epsilon {metrics['epsilon_max']:.2f}")
     if "server_epsilon" in metrics:
@@ -235,7 +246,9 @@ def _round_printer(simulation, echo):
 
 
 def _chance(simulation) -> float | None:
-    return 1 / len(simulation.label_names) if simulation is not None and simulation.label_names else None
+    if simulation is None or simulation.config.task != "classification" or not simulation.label_names:
+        return None  # generation and perplexity have no chance level
+    return 1 / len(simulation.label_names)
 
 
 def _record_end(out: Path, started: float, simulation, **status) -> None:
@@ -264,7 +277,7 @@ def _finish_run(simulation, result, started: float, echo) -> dict:
     write_json_atomic(out / "summary.json", summary)
     chance = f", chance {summary['chance']:.2f}" if summary["chance"] else ""
     eps = f"; epsilon spent <= {summary['epsilon']:.2f}" if summary["epsilon"] is not None else ""
-    echo(f"summary: final {summary['accuracy']} accuracy {summary['final']:.3f} (best {summary['best']:.3f}{chance}) "
+    echo(f"summary: final {summary['accuracy']} {summary['metric']} {summary['final']:.3f} (best {summary['best']:.3f}{chance}) "
          f"after {config.rounds} rounds{eps}; {summary['MiB up']:.2f} MiB up, {summary['MiB down']:.2f} MiB down; "
          f"{summary['seconds_total']:.0f} s")
     if result.privacy:
@@ -349,7 +362,7 @@ def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str |
                 raise JobInterrupted(f"interrupted during variant {variant.name} ({len(ran)} of {len(variant_list)} "
                                      f"finished in {out}); run the comparison again with --overwrite") from None
             ran.append(variant.name)
-            echo(f"    final {summary['accuracy']} accuracy {summary['final']:.3f}, best {summary['best']:.3f}")
+            echo(f"    final {summary['accuracy']} {summary['metric']} {summary['final']:.3f}, best {summary['best']:.3f}")
         path = write_compare_report(base, out, ran, skipped)
     echo(f"wrote {path}")
     return path

@@ -16,9 +16,34 @@ def _pyplot():
     return plt
 
 
+#: headline metrics, first present wins: accuracy (classification, causal LM), exact match of generation
+#: (SFT with short references), perplexity (SFT with long ones); the server's model before clients' own
+HEADLINES = ("test_accuracy", "test_exact_match", "personal_accuracy", "personal_exact_match", "test_perplexity",
+             "personal_perplexity")
+
+
 def accuracy_key(history: Sequence[Mapping]) -> str:
-    """``test_accuracy`` for methods with a global model, ``personal_accuracy`` otherwise (FedSA)."""
-    return "test_accuracy" if any("test_accuracy" in row for row in history) else "personal_accuracy"
+    """The run's headline metric: ``test_accuracy`` for methods with a global model, ``personal_accuracy``
+    otherwise (FedSA); for SFT exact match, or perplexity when references are too long to match."""
+    return next((k for k in HEADLINES if any(k in row for row in history)), "test_accuracy")
+
+
+def higher_is_better(key: str) -> bool:
+    return not key.endswith("perplexity")
+
+
+def metric_name(key: str) -> str:
+    """``accuracy``, ``exact match`` or ``perplexity`` for a headline key."""
+    return key.split("_", 1)[1].replace("_", " ")
+
+
+def _label_axis(ax, key: str, values: Sequence[float], axis: str = "y") -> None:
+    """Bounded metrics on [0, 1]; perplexity on a log scale."""
+    getattr(ax, f"set_{axis}label")(metric_name(key))
+    if higher_is_better(key):
+        getattr(ax, f"set_{axis}lim")(0, 1)
+    elif values and min(values) > 0:
+        getattr(ax, f"set_{axis}scale")("log")
 
 
 def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
@@ -35,8 +60,8 @@ def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> P
     ax.plot(rounds, acc, marker="o", color="tab:blue", label=key.replace("_", " "))
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("accuracy", color="tab:blue")
-    ax.set_ylim(0, 1)
+    _label_axis(ax, key, acc)
+    ax.yaxis.label.set_color("tab:blue")
     rounds_eps, eps = _series(history, "epsilon_max")
     if eps:
         right = ax.twinx()
@@ -65,9 +90,12 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
         written.append(folder / name)
 
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
+    keys = {name: accuracy_key(history) for name, history in runs.items()}
+    shown = next(iter(keys.values()), "test_accuracy")
     for name, history in runs.items():
-        ax.plot(*_series(history, accuracy_key(history)), marker="o", markersize=3, label=name)
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1))
+        ax.plot(*_series(history, keys[name]), marker="o", markersize=3, label=name)
+    ax.set(xlabel="round")
+    _label_axis(ax, shown, [v for name, h in runs.items() for v in _series(h, keys[name])[1]])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -75,9 +103,10 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
 
     names = list(runs)
     fig, ax = plt.subplots(figsize=(7.2, 0.5 + 0.35 * len(names)), dpi=100)
-    finals = [(_series(runs[n], accuracy_key(runs[n]))[1] or [0.0])[-1] for n in names]
+    finals = [(_series(runs[n], keys[n])[1] or [0.0])[-1] for n in names]
     ax.barh(names, finals, color="tab:blue")
-    ax.set(xlabel="final accuracy", xlim=(0, 1))
+    _label_axis(ax, shown, finals, axis="x")
+    ax.set_xlabel("final " + metric_name(shown))
     ax.invert_yaxis()
     save(fig, "final_accuracy.png")
 
@@ -107,18 +136,21 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
 
 
 def summary_row(name: str, history: Sequence[Mapping]) -> dict:
-    """One line of a comparison: final and best accuracy, bytes, epsilon, seconds."""
+    """One line of a comparison: final and best headline metric (accuracy; SFT exact match or
+    perplexity, of which best is the lowest), bytes, epsilon, seconds."""
     key = accuracy_key(history)
     acc = _series(history, key)[1]
-    if key == "personal_accuracy":  # rounds that scored only their participants are not comparable
+    if key.startswith("personal_"):  # rounds that scored only their participants are not comparable
         acc = _series([row for row in history if row.get("personal_scope", "all") == "all"], key)[1] or acc
+    best = max if higher_is_better(key) else min
     eps = [row["epsilon_max"] for row in history if "epsilon_max" in row]
     personal = _series(history, "personal_accuracy")[1]
     return {
         "variant": name,
-        "accuracy": key.replace("_accuracy", ""),
+        "accuracy": key.split("_", 1)[0],  # test (the server's model) or personal (clients' own)
+        "metric": metric_name(key),
         "final": acc[-1] if acc else float("nan"),
-        "best": max(acc) if acc else float("nan"),
+        "best": best(acc) if acc else float("nan"),
         "personal": personal[-1] if personal else None,
         "MiB up": sum(row["bytes_up"] for row in history) / 2**20,
         "MiB down": sum(row["bytes_down"] for row in history) / 2**20,

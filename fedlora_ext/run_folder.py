@@ -340,7 +340,7 @@ def run_status(folder: str | Path) -> str:
         line = f"{folder}: completed {rounds}{of} rounds"
         final = summary.get("final")
         if isinstance(final, (int, float)) and final == final:
-            line += f", final {summary.get('accuracy', 'test')} accuracy {final:.3f}"
+            line += f", final {summary.get('accuracy', 'test')} {summary.get('metric', 'accuracy')} {final:.3f}"
         if summary.get("epsilon") is not None:
             line += f", epsilon {summary['epsilon']:.2f}"
         return line

@@ -15,7 +15,7 @@ from typing import Any
 
 import tomllib
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "sft")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -35,7 +35,9 @@ class FedConfig:
     Model and adapter:
         model: ``"tiny-bert"``, ``"tiny-gpt2"``, ``"tiny-llama"`` (random tiny configs built in code) or a
             local Hugging Face model folder.
-        task: ``"classification"`` or ``"causal_lm"``.
+        task: ``"classification"`` (text + label), ``"causal_lm"`` (plain text, next-token loss) or ``"sft"``
+            (instruction data: Alpaca, prompt/response, question/answer or chat ``messages``; the loss
+            covers response tokens only). ``causal_lm`` and ``sft`` need a decoder (causal) model.
         adapter: ``"lora"`` or ``"vera"``; rank, alpha, rslora, target_modules as in peft. Unset
             target_modules takes the architecture's default from peft's own mapping (BERT query/value,
             GPT-2 c_attn, Llama q_proj/v_proj, ...).
@@ -77,6 +79,8 @@ class FedConfig:
         in every round but the last, which always sees the whole split (None: the whole split every round);
         encoding: of a CSV / JSON / text file (default UTF-8); drop_invalid_rows: drop rows with an
         empty or missing label or text (their count is printed) instead of refusing the dataset;
+        category_column: SFT data's category (e.g. Dolly's ``category``): clients get a Dirichlet share of
+        each category (dirichlet_alpha); without one an SFT run is partitioned IID;
         seq_len tokens per example; test_fraction: each client's own test split, held back only when
         clients' own models are evaluated (personalised methods, or personal_eval = true); otherwise
         every example of a client trains. Clients' own models are evaluated for the round's
@@ -134,6 +138,7 @@ class FedConfig:
     max_examples: int | None = None
     text_column: str | None = None
     label_column: str | None = None
+    category_column: str | None = None
     encoding: str = "utf-8"
     drop_invalid_rows: bool = False
     dp_epsilon: float | None = None

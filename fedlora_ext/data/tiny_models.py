@@ -100,6 +100,28 @@ def max_positions(name: str) -> int | None:
     return None
 
 
+_TINY_TYPES = {"tiny-bert": "bert", "tiny-gpt2": "gpt2", "tiny-llama": "llama"}
+
+
+def check_decoder(name: str, task: str, shown: str | None = None) -> None:
+    """Refuses an encoder (BERT, RoBERTa, ELECTRA ...) for ``causal_lm`` / ``sft``: it reads both ways, so
+    as a language model it would see the tokens it is asked to predict (transformers still builds a
+    "BertLMHeadModel" for it). Decoder families (GPT-2, Llama, Mistral, Qwen ...) pass."""
+    if task not in ("causal_lm", "sft"):
+        return
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = _TINY_TYPES.get(name) or getattr(model_config(name), "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        hint = "tiny-gpt2, tiny-llama, or a decoder model folder (GPT-2, Llama, Qwen, ...)"
+        raise ValueError(f"task {task!r} needs a decoder (causal) language model, but model {shown or name!r} is "
+                         f"{'an encoder' if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else 'not a causal LM'} "
+                         f"(model_type {model_type!r}); use {hint}, or task 'classification'")
+
+
 def check_seq_len(name: str, seq_len: int) -> None:
     """Refuses a ``seq_len`` the model's position table cannot hold, before anything is tokenised."""
     limit = max_positions(name)

@@ -192,8 +192,11 @@ class LocalTrainer:
         for batch in self.batches(steps):
             batch = to_device(batch, device)
             with autocast(model):  # a no-op over a float32 base
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"]).loss.float()
+                if self.config.task == "sft":  # each example's mean over its own response tokens, as DP-SGD's
+                    loss = summed_loss(model, batch) / len(batch["labels"])
+                else:
+                    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"]).loss.float()
             total = loss if regulariser is None else loss + regulariser()
             optimizer.zero_grad(set_to_none=True)
             total.backward()

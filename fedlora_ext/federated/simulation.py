@@ -238,9 +238,7 @@ class Simulation:
             per_client = [evaluate(self.client_model(c, round_index), self.client_data[c.cid][1])
                           for c in clients if len(self.client_data[c.cid][1])]
             results.update(personal_scope=scope, personal_clients=len(per_client))
-            if per_client:
-                results["personal_accuracy"] = float(np.mean([s["accuracy"] for s in per_client]))
-                results["personal_loss"] = float(np.mean([s["loss"] for s in per_client]))
+            results.update(mean_scores("personal", per_client))
         return results
 
     def run(self, progress: bool = True, on_round: Callable[[dict], None] | None = None) -> SimulationResult:
@@ -422,10 +420,22 @@ def global_scores(model, config: FedConfig, test_data, label_names: list[str], r
     last = round_index == config.rounds - 1
     data = eval_subset(test_data, config.eval_examples, derive_seed(config.seed, "eval_subset"), full=last)
     scores = evaluate(model, data, config.batch_size * 4)
-    out = {"test_loss": scores["loss"], "test_accuracy": scores["accuracy"], "test_examples": len(data)}
+    out = {f"test_{k}": scores[k] for k in SCORES if k in scores}
+    out["test_examples"] = len(data)
     if label_names and "class_accuracy" in scores and last:
         out["test_accuracy_per_class"] = dict(zip(label_names, scores["class_accuracy"]))
     return out
+
+
+#: what an evaluation reports, by task: classification and causal LM loss and accuracy; SFT loss and
+#: perplexity over response tokens and, for short references, exact match
+SCORES = ("loss", "accuracy", "perplexity", "exact_match")
+
+
+def mean_scores(prefix: str, per_client: list[dict]) -> dict[str, float]:
+    """``<prefix>_<score>``: each score's mean over the clients' own evaluations (none: nothing)."""
+    keys = [k for k in SCORES if per_client and all(k in s for s in per_client)]
+    return {f"{prefix}_{k}": float(np.mean([s[k] for s in per_client])) for k in keys}
 
 
 def personal_evaluation(config: FedConfig, strategy: Strategy) -> bool:
@@ -449,7 +459,7 @@ def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list
     n = len(train_data)
     if getattr(strategy, "pool_clients", False):  # centralized: one client with all the data
         shards = [np.arange(n)]
-    elif config.dirichlet_alpha is None:
+    elif config.dirichlet_alpha is None or not label_skew_possible(config, train_data):
         shards = iid_partition(n, config.num_clients, config.seed)
     else:
         labels = train_data["label"]
@@ -464,6 +474,15 @@ def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list
         client = ClientState(cid=cid, rank=strategy.client_rank(ranks[cid]), num_examples=len(train_idx))
         out.append((client, train_data.select(train_idx.tolist()), train_data.select(test_idx.tolist())))
     return out
+
+
+def label_skew_possible(config: FedConfig, train_data) -> bool:
+    """Whether a Dirichlet partition has classes to skew: always for classification and causal LM; for
+    SFT only with at least two categories (a category column, or the packaged corpora's topics), else
+    the run is partitioned IID."""
+    if config.task != "sft":
+        return True
+    return len({int(label) for label in train_data["label"]}) > 1
 
 
 def save_adapter(path: Path, strategy: Strategy, state: GlobalState, pristine: dict[str, torch.Tensor]) -> None:

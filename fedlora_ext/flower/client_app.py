@@ -27,6 +27,7 @@ from fedlora_ext.federated.client_state import client_meta, restore_client
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import client_privacy
 from fedlora_ext.federated.simulation import (
+    SCORES,
     client_model,
     initial_model,
     partition_clients,
@@ -218,11 +219,11 @@ def evaluate_own_model(message: Message, context: Context) -> Message:
     """The client's own model (kept tensors plus the download) on its own test split."""
     arrival = Arrival.of(message, context)
     node = arrival.node
-    scores = {"accuracy": 0.0, "loss": 0.0}
+    scores = {}
     if len(node.test_data):
         model = client_model(node.bench, node.strategy, arrival.state, arrival.client, arrival.payload,
                              arrival.round_index)
-        scores = evaluate(model, node.test_data)
+        scores = {k: float(v) for k, v in evaluate(model, node.test_data).items() if k in SCORES}
     arrival.save(context)
-    return Message(RecordDict({"metrics": MetricRecord({"accuracy": float(scores["accuracy"]), "loss": float(scores["loss"]),
-                                                        "num-examples": len(node.test_data)})}), reply_to=message)
+    return Message(RecordDict({"metrics": MetricRecord({**scores, "num-examples": len(node.test_data)})}),
+                   reply_to=message)

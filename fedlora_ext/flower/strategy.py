@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -43,6 +42,7 @@ from fedlora_ext.federated.simulation import (
     global_model,
     global_scores,
     initial_model,
+    mean_scores,
     personal_evaluation,
     personal_scope,
     privacy_metrics,
@@ -298,9 +298,7 @@ class FedLoRAStrategy(FlowerStrategy):
         personal = [m for m in personal if m["num-examples"] > 0]
         if "personal_scope" in self._round:
             metrics.update(personal_scope=self._round.pop("personal_scope"), personal_clients=len(personal))
-        if personal:
-            metrics["personal_accuracy"] = float(np.mean([m["accuracy"] for m in personal]))
-            metrics["personal_loss"] = float(np.mean([m["loss"] for m in personal]))
+        metrics.update(mean_scores("personal", [dict(m) for m in personal]))
         metrics["seconds_eval"] = time.perf_counter() - started
         metrics["seconds"] = time.perf_counter() - self._round["started"]
         self._record(metrics)

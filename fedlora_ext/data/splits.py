@@ -1,0 +1,97 @@
+"""Which splits of a loaded dataset are read, and the seeded train/test split with ``max_examples``.
+
+One rule for every kind of data (classification rows, SFT rows, plain documents), over rows of any shape:
+
+* :func:`choose_splits`: a ``DatasetDict`` with several splits is evaluated on its own ``test`` (else
+  ``validation``) split and trained on ``train`` (else on all its other splits); the splits left out are
+  named. A single ``Dataset`` (or a dict with one split) gets a seeded split.
+* :func:`split_rows`: the own test split as it is (a seeded subset under ``max_examples``), else a seeded
+  ``test_fraction`` of all rows pooled. The random draws depend only on the seed and the row counts, so
+  the same seed picks the same rows whatever the rows hold.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Split(NamedTuple):
+    """The rows of the train and test sets (in their order), what the test set is in a short phrase, and
+    lines for the run's header (splits pooled or unused, ``max_examples`` subsets)."""
+
+    train: list
+    test: list
+    eval_split: str
+    notes: list[str]
+
+
+def percent(fraction: float) -> str:
+    """``0.2`` -> ``"20%"``."""
+    return f"{fraction * 100:.4g}%"
+
+
+def choose_splits(loaded) -> tuple[dict, str | None, list[str]]:
+    """(split name -> data to read: the train splits, then the own test split; the own test split, None
+    for a seeded split; the splits not used).
+
+    ``loaded`` is a ``datasets.DatasetDict`` (or a dict of splits) or a single ``Dataset`` (read as the
+    one split ``"data"``). The own test split is ``test``, else ``validation``, when there are several
+    splits; it is trained on ``train`` when there is one, else on every other split."""
+    import datasets
+
+    if isinstance(loaded, (datasets.DatasetDict, dict)):
+        keys = list(loaded)
+        own = next((k for k in ("test", "validation") if k in keys), None) if len(keys) > 1 else None
+        train = (["train"] if "train" in keys else [k for k in keys if k != own]) if own else keys
+        chosen = {k: loaded[k] for k in (*train, *([own] if own else []))}
+        return chosen, own, [k for k in keys if k not in chosen]
+    return {"data": loaded}, None, []
+
+
+def split_rows(parts: dict[str, list], own: str | None, unused: list[str], *, seed: int, test_fraction: float,
+               max_examples: int | None, what: str) -> Split:
+    """The train and test rows of ``parts`` (split name -> rows, each row of any shape).
+
+    ``own`` None: the rows of all splits pooled in order, permuted with ``default_rng(seed)``, cut to the
+    first ``max_examples``, and the first ``round(n * test_fraction)`` of them are the test set. Else
+    ``own`` is the test split (its rows in order) and the other splits' rows, permuted with the same
+    generator, are the train set; ``max_examples`` below the total keeps the same share of each (test rows:
+    a sorted seeded subset drawn with ``default_rng(seed + 1)``).
+
+    Raises:
+        ValueError: the train or test set is empty (``what`` names the data).
+    """
+    notes = []
+    rng = np.random.default_rng(seed)
+    if own is None:
+        rows = [r for split in parts for r in parts[split]]
+        order = rng.permutation(len(rows))
+        if max_examples is not None:
+            order = order[:max_examples]
+        n_test = round(len(order) * test_fraction)
+        train, test = [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
+        eval_split = f"a seeded {percent(test_fraction)} split of the data"
+        if len(parts) > 1:
+            notes.append(f"splits {list(parts)} were pooled and split again (none is named 'test' or 'validation')")
+    else:
+        train_all = [r for split in parts if split != own for r in parts[split]]
+        train_rows, test_rows = rng.permutation(len(train_all)), np.arange(len(parts[own]))
+        total = len(train_rows) + len(test_rows)
+        if max_examples is not None and max_examples < total:  # the same share of each split
+            k_test = max(1, round(max_examples * len(test_rows) / total))
+            test_rows = np.sort(np.random.default_rng(seed + 1).permutation(len(test_rows))[:k_test])
+            train_rows = train_rows[:max_examples - k_test]
+            notes.append(f"max_examples {max_examples}: a seeded {len(train_rows)} of {len(train_all)} train and "
+                         f"{len(test_rows)} of {len(parts[own])} {own!r} examples")
+        train, test = [train_all[i] for i in train_rows], [parts[own][i] for i in test_rows]
+        eval_split = f"the dataset's own {own!r} split"
+        if unused:
+            notes.append(f"split(s) {unused} not used: trained on {[s for s in parts if s != own]}, evaluated on "
+                         f"{own!r}")
+    for split, rows in (("train", train), ("test", test)):
+        if not rows:
+            raise ValueError(f"{what}: the {split} split is empty ({len(train)} train / {len(test)} test rows; "
+                             f"eval_fraction {test_fraction}, max_examples {max_examples}); give more rows")
+    return Split(train, test, eval_split, notes)
