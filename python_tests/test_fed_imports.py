@@ -32,7 +32,7 @@ def test_import_first(module, tmp_path):
 
 
 LAYERS = {"ops": 0, "reference": 0, "errors": 0, "_C": 0, "dp": 1, "data": 1, "core": 2, "strategies": 3,
-          "federated": 4, "reporting": 5, "run_folder": 5, "selfcheck": 5, "flower": 6, "jobs": 6, "cli": 7,
+          "federated": 4, "reporting": 5, "run_folder": 5, "selfcheck": 5, "flower": 6, "jobs": 6, "export": 6, "cli": 7,
           "__main__": 8}
 PACKAGE = Path(__file__).resolve().parents[1] / "fedlora_ext"
 

@@ -20,6 +20,7 @@ from fedlora_ext.data.cache_key import token_cache_key
 from fedlora_ext.data.sft import SFT_TOKENIZE_FORMAT, load_sft, tokenize_sft
 from fedlora_ext.data.synthetic import synthetic_dataset
 from fedlora_ext.data.text import (
+    load_documents,
     load_text,
     packaged_model_folder,
     resolve_model,
@@ -71,15 +72,20 @@ def build_task(config) -> Task:
         model = build_model(model_name, config.task, config.num_labels, config.seed, dtype=_dtype(config))
         return Task(train, test, model, [],
                     f"a separate synthetic test set ({n_test} examples, seed {config.seed + 1})")
-    text = load_text(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
-                     max_examples=config.max_examples, text_column=config.text_column,
-                     label_column=config.label_column, encoding=config.encoding,
-                     drop_invalid_rows=config.drop_invalid_rows)
+    if config.task == "causal_lm":  # plain documents: no label column needed (one is ignored with a note)
+        text = load_documents(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
+                              max_examples=config.max_examples, text_column=config.text_column,
+                              encoding=config.encoding, drop_invalid_rows=config.drop_invalid_rows)
+    else:
+        text = load_text(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
+                         max_examples=config.max_examples, text_column=config.text_column,
+                         label_column=config.label_column, encoding=config.encoding,
+                         drop_invalid_rows=config.drop_invalid_rows)
     notes = list(text.notes)
     label_names, train_data, test_data = text.label_names, text.train, text.test
     if config.task == "classification":
         label_names, train_data, test_data = _follow_saved_head(model_name, label_names, train_data, test_data, notes)
-    tokenizer, tokenizer_source = _tokenizer(config, model_name)
+    tokenizer, tokenizer_source = load_tokenizer(config, model_name)
     model = build_model(model_name, config.task, len(label_names), config.seed, vocab_size=len(tokenizer),
                         dtype=_dtype(config))
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
@@ -100,7 +106,7 @@ def _sft_task(config, model_name: str) -> Task:
     data = load_sft(config.dataset, seed=config.seed, test_fraction=config.eval_fraction,
                     max_examples=config.max_examples, encoding=config.encoding,
                     drop_invalid_rows=config.drop_invalid_rows, category_column=config.category_column)
-    tokenizer, source = _tokenizer(config, model_name)
+    tokenizer, source = load_tokenizer(config, model_name)
     model = build_model(model_name, "causal_lm", 2, config.seed, vocab_size=len(tokenizer), dtype=_dtype(config))
     model.config.pad_token_id = tokenizer.pad_token_id
     template = getattr(tokenizer, "chat_template", None) or ""
@@ -120,7 +126,7 @@ def _sft_task(config, model_name: str) -> Task:
     return Task(train, test, model, [], data.eval_split, tuple(notes), content, categories=data.category_names)
 
 
-def _tokenizer(config, model_name: str):
+def load_tokenizer(config, model_name: str):
     """The model's tokenizer (the packaged MiniLM one for tiny models) with a pad token, and its source."""
     from transformers import AutoTokenizer
 

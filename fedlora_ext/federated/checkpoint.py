@@ -60,13 +60,13 @@ def _pack(value: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
     return {"value": value}
 
 
-def _unpack(packed: Any, tensors: dict[str, Tensor]) -> Any:
+def unpack_info(packed: Any, tensors: dict[str, Tensor]) -> Any:
     if "tensor" in packed:
         return tensors[packed["tensor"]]
     if "dict" in packed:
-        return {k: _unpack(v, tensors) for k, v in packed["dict"]}
+        return {k: unpack_info(v, tensors) for k, v in packed["dict"]}
     if "list" in packed:
-        return [_unpack(v, tensors) for v in packed["list"]]
+        return [unpack_info(v, tensors) for v in packed["list"]]
     return packed["value"]
 
 
@@ -167,13 +167,13 @@ def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: P
     g = index["global"]
     sim.state = GlobalState(tensors={n: tensors[f"global/{n}"] for n in g["tensors"]},
                             base={n: tensors[f"base/{n}"].clone() for n in g["base"]},
-                            info=_unpack(g["info"], tensors))
+                            info=unpack_info(g["info"], tensors))
     clients = []
     for meta in index["clients"]:
         cid = int(meta["cid"])
         seed = _read_key(run_dir, f"client-{cid}") if meta.get("privacy") else None
         client = restore_client({**meta, "info": {}}, {n: tensors[f"client{cid}/{n}"] for n in meta["tensors"]}, seed=seed)
-        client.info = _unpack(meta["info"], tensors)
+        client.info = unpack_info(meta["info"], tensors)
         fresh = next((c for c in sim.clients if c.cid == cid), None)
         if client.privacy is not None and client.privacy.account.target_epsilon is None and fresh is not None \
                 and fresh.privacy is not None:  # a checkpoint from before the budget guard: the config's target

@@ -247,7 +247,7 @@ class Simulation:
         out_dir = Path(self.config.out_dir) if self.config.out_dir else None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_run_config(out_dir, self.config, self.label_names, self.data)
+            write_run_config(out_dir, self.config, self.label_names, self.data, bench=self.bench)
             # a resumed run rewrites the rounds it has (a killed run may have logged one more)
             write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history).encode())
             metrics_file = open(out_dir / "metrics.jsonl", "a")
@@ -399,17 +399,68 @@ def check_same_data(sim: Simulation, run_dir: Path) -> None:
                          "(its content no longer matches data.json); start a new run instead")
 
 
-def write_run_config(out_dir: Path, config: FedConfig, label_names: list[str], data: dict | None = None) -> None:
+def write_run_config(out_dir: Path, config: FedConfig, label_names: list[str], data: dict | None = None,
+                     bench: ModelBench | None = None) -> None:
     """config.json, data.json (:func:`data_description`) and, for classification, labels.json: what
     each class id means (``id2label`` / ``label2id`` as transformers' configs spell them), for
-    everything that reads the run later."""
+    everything that reads the run later; with the run's ``bench`` and a built-in tiny model also
+    ``base_model/`` (:func:`save_base_model`), the base ``fedlora export`` starts from."""
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     if data is not None:
         (out_dir / "data.json").write_text(json.dumps(data, indent=2))
     if label_names:
-        maps = {"id2label": {str(i): name for i, name in enumerate(label_names)},
-                "label2id": {name: i for i, name in enumerate(label_names)}}
-        (out_dir / "labels.json").write_text(json.dumps(maps, indent=2))
+        (out_dir / "labels.json").write_text(json.dumps(label_maps(label_names), indent=2))
+    if bench is not None:
+        save_base_model(out_dir, config, bench, label_names)
+
+
+def label_maps(label_names: list[str]) -> dict:
+    """``id2label`` (string ids, as transformers' configs write them) and ``label2id``."""
+    return {"id2label": {str(i): name for i, name in enumerate(label_names)},
+            "label2id": {name: i for i, name in enumerate(label_names)}}
+
+
+#: the folder of a run that holds its tiny base model (config and weights, safetensors)
+BASE_MODEL = "base_model"
+
+
+def save_base_model(out_dir: Path, config: FedConfig, bench: ModelBench, label_names: list[str]) -> Path | None:
+    """For the built-in tiny models (built in code from a seed, with a vocabulary and pad token that
+    depend on the data): their config and pristine base weights (before any merge) as
+    ``out_dir/base_model/`` (``save_pretrained``, safetensors; ``id2label`` / ``label2id`` in its
+    config for classification), written once through a temporary folder and a rename: a resumed run
+    keeps the base it started with. Other models are folders already: None."""
+    from fedlora_ext.data.tiny_models import TINY
+
+    if config.model not in TINY:
+        return None
+    folder = Path(out_dir) / BASE_MODEL
+    if (folder / "config.json").is_file():
+        return folder
+    model = bench.base_model
+    state = dict(model.state_dict())
+    for module, weight in bench.pristine_base().items():  # the adapted weights as loaded, never a merged base
+        state[f"{module}.weight"] = weight
+    temporary = folder.with_name(f".{BASE_MODEL}.tmp")
+    if temporary.exists():
+        import shutil
+
+        shutil.rmtree(temporary)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in a run's output
+    try:
+        model.save_pretrained(str(temporary), state_dict=state)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    if config.task == "classification" and label_names:
+        saved = json.loads((temporary / "config.json").read_text())
+        saved.update(label_maps(label_names))
+        (temporary / "config.json").write_text(json.dumps(saved, indent=2))
+    temporary.replace(folder)
+    return folder
 
 
 def global_scores(model, config: FedConfig, test_data, label_names: list[str], round_index: int) -> dict:
@@ -477,10 +528,10 @@ def partition_clients(config: FedConfig, strategy: Strategy, train_data) -> list
 
 
 def label_skew_possible(config: FedConfig, train_data) -> bool:
-    """Whether a Dirichlet partition has classes to skew: always for classification and causal LM; for
-    SFT only with at least two categories (a category column, or the packaged corpora's topics), else
-    the run is partitioned IID."""
-    if config.task != "sft":
+    """Whether a Dirichlet partition has classes to skew: always for classification; for SFT only with
+    at least two categories (a category column, or the packaged corpora's topics), and for a causal LM
+    only on synthetic data (its sequences have kinds); plain documents are partitioned IID."""
+    if config.task == "classification":
         return True
     return len({int(label) for label in train_data["label"]}) > 1
 

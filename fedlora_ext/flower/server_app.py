@@ -2,11 +2,12 @@
 
 The run config picks the preset and overrides (:mod:`fedlora_ext.flower.run_config`); with
 ``out_dir`` set, the server writes what ``fedlora run`` writes: config.json, metrics.jsonl (a line per
-round), adapter.safetensors (after every round), privacy.json, plot.png and summary.json (the keys of
-``fedlora run``'s, with ``status`` ``completed`` or ``failed`` and the ``error``: ``flwr run`` exits 0
-whatever happens here). The out-dir is read from the run config before the rest is checked, so a
-configuration error is reported there too. The folder is claimed and locked as ``fedlora run`` does
-(:mod:`fedlora_ext.run_folder`): never a folder holding another run, and ``fedlora status`` shows it.
+round), adapter.safetensors (after every round), base_model/ (tiny models), privacy.json, plot.png and
+summary.json (the keys of ``fedlora run``'s, with ``status`` ``completed`` or ``failed`` and the
+``error``: ``flwr run`` exits 0 whatever happens here). The out-dir is read from the run config before
+the rest is checked, so a configuration error is reported there too. The folder is claimed and locked
+as ``fedlora run`` does (:mod:`fedlora_ext.run_folder`): never a folder holding another run, and
+``fedlora status`` shows it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlora_ext.federated.simulation import save_base_model
 from fedlora_ext.flower.run_config import config_from_run_config
 from fedlora_ext.flower.strategy import FedLoRAStrategy
 from fedlora_ext.reporting import plot_run, summary_row
@@ -61,6 +63,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict:
                 out, lock = config.out_dir, claim(config.out_dir, overwrite=overwrite, command="flower")
             strategy = FedLoRAStrategy(config, node_timeout=options["node-timeout"])
             strategy.connect(grid)
+            if strategy.out_dir is not None:  # a tiny model's base, for `fedlora export` (as `fedlora run` saves it)
+                save_base_model(strategy.out_dir, strategy.config, strategy.bench, strategy.label_names)
             strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=strategy.config.rounds,
                            timeout=options["round-timeout"])
             strategy.finish()
