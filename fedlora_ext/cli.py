@@ -19,8 +19,10 @@ or one in use by a running job (:mod:`fedlora_ext.run_folder`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 
@@ -41,9 +43,12 @@ def _config(args: argparse.Namespace):
     """The preset or TOML file, then every flag given on the command line."""
     from fedlora_ext.federated import FedConfig, preset
 
-    config = FedConfig.from_toml(args.config) if args.config else preset(args.preset)
+    no_dp = getattr(args, "no_dp", False)
+    if no_dp and getattr(args, "epsilon", None) is not None:
+        raise ValueError(f"--epsilon {args.epsilon:g} and --no-dp conflict: --no-dp trains without DP-SGD, --epsilon "
+                         "sets its target; give one of them")
     changes = {key: getattr(args, attr) for attr, key in _OVERRIDES.items() if getattr(args, attr, None) is not None}
-    if getattr(args, "no_dp", False):
+    if no_dp:
         changes.update(dp_epsilon=None, dp_noise_multiplier=None)
     if getattr(args, "iid", False):
         changes["dirichlet_alpha"] = None
@@ -53,7 +58,28 @@ def _config(args: argparse.Namespace):
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         FedConfig.check_keys([key.strip()], who="--set")
         changes[key.strip()] = FedConfig.parse_value(key.strip(), text)
-    return config.replace(**changes)
+        if no_dp and key.strip() in ("dp_epsilon", "dp_noise_multiplier") and changes[key.strip()] is not None:
+            raise ValueError(f"--set {item.strip()} and --no-dp conflict: --no-dp trains without DP-SGD, "
+                             f"{key.strip()} turns it on; give one of them")
+    with _config_warnings():
+        config = FedConfig.from_toml(args.config) if args.config else preset(args.preset)
+        return config.replace(**changes)
+
+
+@contextlib.contextmanager
+def _config_warnings():
+    """The configuration's warnings (a meaningless epsilon) as one ``fedlora: warning: ...`` line each on
+    stderr, as the CLI's errors are (Python's format adds the file, line and source); others as before."""
+    from fedlora_ext.core.config import MeaninglessEpsilonWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MeaninglessEpsilonWarning)
+        yield
+    for each in caught:
+        if issubclass(each.category, MeaninglessEpsilonWarning):
+            print(f"fedlora: warning: {each.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(each.message, each.category, each.filename, each.lineno)
 
 
 def _key_value(item: str):
@@ -105,8 +131,9 @@ def _compare(args: argparse.Namespace) -> int:
     for item in args.vary or []:
         key, values = _key_value(item)
         vary[key] = values if isinstance(values, tuple) else (values,)
-    chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
-                      args.client_ranks, vary)
+    with _config_warnings():  # each variant's own (e.g. --epsilons 150)
+        chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
+                          args.client_ranks, vary)
     compare_job(base, chosen, args.out, progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
                 tensorboard=args.tensorboard)
     return 0

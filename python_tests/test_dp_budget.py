@@ -171,44 +171,81 @@ def test_dp_fedavg_never_runs_more_noisy_rounds_than_calibrated():
 
 
 # ---- Flower ---------------------------------------------------------------------------------------
-def test_flower_nodes_refuse_to_train_past_their_budget(caplog):
-    pytest.importorskip("flwr")
+def flower_budget_run(config, tamper):
+    """A Flower run of ``config`` on the in-memory grid with ``tamper``, two rounds past the calibrated ones."""
     from flowertools import InMemoryGrid
     from test_flower import node_configs
 
     from fedlora_ext.flower import FedLoRAStrategy
     from fedlora_ext.flower.client_app import app as client_app
 
+    grid = InMemoryGrid(client_app, node_configs(config))
+    grid.tamper = tamper
+    strategy = FedLoRAStrategy(config)
+    strategy.connect(grid)
+    return grid, strategy
+
+
+def test_the_flower_server_asks_no_node_past_its_budget_by_its_own_ledger(caplog):
+    """The server counts the steps it asks of each node (a lost reply included) and stops asking once
+    the next round would pass the target, whatever the nodes report: they hide their own refusals."""
+    pytest.importorskip("flwr")
     # Flower has no retries: lost replies (dropouts) and rounds past the calibrated ones stand in for them
     config = small_config("fedit", num_clients=3, rounds=2, local_steps=2, batch_size=8, dp_epsilon=TARGET,
                           dp_noise_seed=6, min_clients=1)
-    grid = InMemoryGrid(client_app, node_configs(config))
     hidden = {}
 
     def tamper(node, reply, message):  # node 1000 drops its reply in round 1; no node tells the server
         if reply.has_error() or reply.metadata.message_type != "train":
             return reply
         if "budget" in reply.content.config_records and reply.content["budget"].get("exhausted"):
-            hidden[node] = True  # the server does not learn it: the node must refuse by itself
+            hidden[node] = True
             del reply.content["budget"]
         if node == 1000 and int(message.content["config"]["round"]) == 0:
             return None
         return reply
 
-    grid.tamper = tamper
-    strategy = FedLoRAStrategy(config)
-    strategy.connect(grid)
+    grid, strategy = flower_budget_run(config, tamper)
     with caplog.at_level(logging.WARNING, logger="fedlora_ext"):
         strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=config.rounds + 2, timeout=60)
     history = strategy.history
     assert hidden and history[0]["clients"] == [1, 2] and history[1]["clients"] == [0, 1, 2]
-    # round 3: the nodes refuse (not failures); round 4: the server knows and does not ask them
-    assert set(history[2]["budget_exhausted"]) == {"0", "1", "2"} and "failed" not in history[2]
-    assert history[2]["clients"] == [] and history[3]["clients"] == []
-    assert set(history[3]["budget_exhausted"]) == {"0", "1", "2"}
-    assert "the node did not train" in caplog.text
+    # rounds 3 and 4: the server's ledger refuses every node before asking (the lost round counted)
+    for late in history[2:]:
+        assert set(late["budget_exhausted"]) == {"0", "1", "2"} and late["clients"] == [] and "failed" not in late
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert len(trains) == 3 * 3  # rounds 1-3 sent to every node, round 4 to none
+    assert len(trains) == 3 * 2
+    for context in grid.contexts.values():
+        client = restore_client(json.loads(context.state["fedlora.client"]["meta"]), {})
+        assert client.privacy.account.steps == 4 and client.privacy.account.epsilon() <= TARGET
+    report = strategy.finish()
+    assert report["epsilon_max"] <= TARGET
+    assert {cid: r["steps"] for cid, r in report["clients"].items()} == {"0": 4, "1": 4, "2": 4}
+    # node 1000's reply was lost in round 1, so the server heard its account only after round 2: agreement
+    assert report["disagreements"] == {}
+
+
+def test_a_flower_node_refuses_by_itself_when_the_server_lost_count(caplog):
+    """A node whose account would pass its target refuses to train even when asked (a server that lost
+    its ledger stands in for a faulty one); the refusal is not a failure and the node spends nothing."""
+    pytest.importorskip("flwr")
+    config = small_config("fedit", num_clients=3, rounds=2, local_steps=2, batch_size=8, dp_epsilon=TARGET,
+                          dp_noise_seed=6, min_clients=1)
+
+    def forget(node, reply, message):  # after round 2 the server "forgets" its ledger and hears no budget
+        if reply.metadata.message_type == "train" and int(message.content["config"]["round"]) == 1:
+            if "budget" in reply.content.config_records:
+                del reply.content["budget"]
+            for account in strategy.server.privacy_ledger.accounts.values():
+                account.history = []
+        return reply
+
+    grid, strategy = flower_budget_run(config, forget)
+    with caplog.at_level(logging.WARNING, logger="fedlora_ext"):
+        strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=config.rounds + 1, timeout=60)
+    history = strategy.history
+    assert set(history[2]["budget_exhausted"]) == {"0", "1", "2"} and "failed" not in history[2]
+    assert "the node did not train" in caplog.text
     for context in grid.contexts.values():
         client = restore_client(json.loads(context.state["fedlora.client"]["meta"]), {})
         assert client.privacy.account.steps == 4 and client.privacy.account.epsilon() <= TARGET

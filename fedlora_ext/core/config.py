@@ -6,8 +6,11 @@ seconds with a message that names the field.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import sys
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,6 +21,17 @@ import tomllib
 TASKS = ("classification", "causal_lm", "sft")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+#: a target epsilon above this is accepted with a :class:`MeaninglessEpsilonWarning`
+MEANINGLESS_EPSILON = 100.0
+
+
+class MeaninglessEpsilonWarning(UserWarning):
+    """A target epsilon so large (> :data:`MEANINGLESS_EPSILON`) that its guarantee promises nothing."""
+
+
+#: set while :meth:`FedConfig.replace` builds a copy whose epsilons were already checked (no second warning)
+_EPSILONS_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("fedlora_epsilons_warned", default=False)
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -89,7 +103,9 @@ class FedConfig:
         model ``"minilm"`` is the packaged MiniLM-L6.
     Sample-level DP-SGD on every client (on when ``dp_epsilon`` or ``dp_noise_multiplier`` is set):
         dp_epsilon: target epsilon per client over the whole run; sigma is calibrated before training
-            for the most local steps a client can take (every round).
+            for the most local steps a client can take (every round). A target above 100 (here or in
+            ``server_dp_epsilon``) is accepted with one :class:`MeaninglessEpsilonWarning`: it promises
+            nothing.
         dp_delta: per client; default ``min(1e-5, 1 / (10 n_k))``, and it must be < ``1 / n_k``.
         dp_noise_multiplier: sigma directly, instead of ``dp_epsilon`` (0 turns the noise off).
         dp_max_grad_norm: the per-sample clipping bound C. dp_accountant: ``"rdp"`` or ``"prv"`` (opacus).
@@ -262,6 +278,14 @@ class FedConfig:
                                  "not both")
         if self.dp_noise_seed is not None and not (isinstance(self.dp_noise_seed, int) and 0 <= self.dp_noise_seed < 2**63):
             raise ValueError(f"FedConfig: dp_noise_seed must be an int in [0, 2^63) or unset, got {self.dp_noise_seed!r}")
+        large = [f"{key} = {getattr(self, key):g}" for key in ("dp_epsilon", "server_dp_epsilon")
+                 if getattr(self, key) is not None and getattr(self, key) > MEANINGLESS_EPSILON]
+        if large and not _EPSILONS_WARNED.get():  # once per configuration built, not per client or copy
+            verb = "promises" if len(large) == 1 else "promise"
+            warnings.warn(f"FedConfig: {' and '.join(large)} {verb} nothing meaningful: above "
+                          f"{MEANINGLESS_EPSILON:g}, epsilon lets one record change the odds of anything released "
+                          f"by a factor beyond e^{MEANINGLESS_EPSILON:g} (about 1e43); accepted, but treat the run "
+                          "as not private", MeaninglessEpsilonWarning, stacklevel=_caller_stacklevel())
 
     @property
     def sample_dp(self) -> bool:
@@ -282,7 +306,13 @@ class FedConfig:
         return len(set(self.ranks())) > 1
 
     def replace(self, **changes: Any) -> FedConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; it warns about a large epsilon only when ``changes`` set one (this
+        configuration already warned about its own)."""
+        token = _EPSILONS_WARNED.set(not {"dp_epsilon", "server_dp_epsilon"} & set(changes))
+        try:
+            return dataclasses.replace(self, **changes)
+        finally:
+            _EPSILONS_WARNED.reset(token)
 
     @classmethod
     def check_keys(cls, keys, who: str = "FedConfig") -> None:
@@ -340,6 +370,15 @@ class FedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this module and dataclasses (the generated
+    ``__init__`` included): the user's line that built the configuration."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in (__file__, dataclasses.__file__, "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_device(text: str) -> bool:

@@ -51,12 +51,20 @@ class ClientState:
 
 @dataclass
 class Reply:
-    """A client's answer to the server: only what the method uploads."""
+    """A client's answer to the server: only what the method uploads, and ``metrics`` it may release.
+
+    Under DP-SGD every field is covered by the client's guarantee (docs/PRIVACY.md lists each with its
+    verdict): ``tensors`` are the noised update, ``num_examples`` and ``metrics`` (``epsilon``) are
+    public under the stated adjacency. ``local`` holds the client's own notes of the round (training
+    loss, seconds in the DP step): they are never sent, because the loss is an exact function of the
+    records; the client logs them (:func:`fedlora_ext.federated.client.log_local`).
+    """
 
     cid: int
     num_examples: int
     tensors: dict[str, Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    local: dict[str, float] = field(default_factory=dict, repr=False)
 
 
 class Trainer(Protocol):

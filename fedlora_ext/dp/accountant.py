@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from fedlora_ext.dp.rdp import (
     MAX_SIGMA,
     BudgetTooLow,
+    conversion_floor,
+    delta_for_floor,
     rdp_epsilon,
     search_noise_multiplier,
 )
@@ -81,20 +83,55 @@ def check_privacy_arguments(*, who: str, epsilon: float | None = None, delta: fl
 
 
 def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                      who: str = "") -> float:
+                      who: str = "", accountant_key: str | None = None, population: int | None = None) -> float:
     """The smallest noise multiplier (opacus's search, to 0.01 in epsilon, sigma up to 1e6) whose
     epsilon after ``steps`` steps at ``sample_rate`` is at most ``target_epsilon``; a one-line
-    ``ValueError`` naming the target, q, steps and the sigma it would need when none is enough."""
+    ``ValueError`` naming the target, q, steps and the sigma it would need when none is enough.
+
+    A target at or below the RDP conversion's floor at ``delta`` (:func:`~fedlora_ext.dp.rdp.conversion_floor`,
+    about 0.1029 at delta 1e-5) is unreachable whatever sigma or steps: the message names the floor and
+    what reaches the target instead: the PRV accountant when it does (``accountant_key = "prv"``, the
+    configuration key that picks the accountant), else a larger PRV target; and the delta above which RDP's floor is below the target, when
+    that delta is still below ``1 / population``."""
     def epsilon_at(sigma: float) -> float:
         return history_epsilon([(sigma, sample_rate, steps)], delta, accountant)
 
     try:
         return search_noise_multiplier(epsilon_at, target_epsilon, calibration_tolerance(target_epsilon))
     except BudgetTooLow as error:
-        raise ValueError(f"{who + ': ' if who else ''}cannot reach target epsilon {target_epsilon:g} at delta {delta:g} "
-                         f"with q = {sample_rate:g} over {steps} steps ({accountant} accountant): it would need sigma "
-                         f"more than 1e6 (epsilon is still {error.epsilon_at_max:.4g} at sigma "
-                         f"{error.sigma_max:g}); raise the target epsilon or delta, or train fewer steps") from None
+        unreachable = (f"{who + ': ' if who else ''}cannot reach target epsilon {target_epsilon:g} at delta {delta:g} "
+                       f"with q = {sample_rate:g} over {steps} steps ({accountant} accountant)")
+        floor = conversion_floor(delta) if accountant == "rdp" else 0.0
+        if target_epsilon > floor:
+            raise ValueError(f"{unreachable}: it would need sigma more than 1e6 (epsilon is still "
+                             f"{error.epsilon_at_max:.4g} at sigma {error.sigma_max:g}); raise the target epsilon "
+                             "or delta, or train fewer steps") from None
+        raise ValueError(f"{unreachable} with any sigma, even sigma more than 1e6: the RDP accountant cannot go "
+                         f"below epsilon {floor:.4g} at delta {delta:g} whatever sigma or steps; "
+                         + _below_rdp_floor(target_epsilon, floor, sample_rate, steps, error.sigma_max, delta, who,
+                                            accountant_key, population)) from None
+
+
+def _below_rdp_floor(target_epsilon: float, floor: float, sample_rate: float, steps: int, sigma_max: float,
+                     delta: float, who: str, accountant_key: str | None, population: int | None) -> str:
+    """What reaches a target below RDP's floor: PRV (checked at the largest sigma its search tries), or
+    a larger target with PRV; and a larger delta, where one below ``1 / population`` suffices."""
+    key = accountant_key or "the accountant"
+    needed = _round_up(delta_for_floor(target_epsilon))
+    larger_delta = "" if population is not None and needed >= 1.0 / population else f"a delta above {needed:g}"
+    prv = history_epsilon([(sigma_max, sample_rate, steps)], delta, "prv")
+    if prv <= target_epsilon:  # the PRV search stops at this sigma or a smaller one
+        return (f'set {key} = "prv" (the PRV accountant reaches epsilon {target_epsilon:g} here)'
+                + (f" or use {larger_delta}" if larger_delta else ""))
+    return (f"the PRV accountant does not reach it either (epsilon {prv:.4g} at sigma {sigma_max:g}): raise the "
+            f'target epsilon above {prv:.4g} with {key} = "prv" (above {floor:.4g} with RDP)'
+            + (f", or use {larger_delta}" if larger_delta else ""))
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits (a delta above it is enough)."""
+    exponent = math.floor(math.log10(value)) - 1
+    return float(f"{math.ceil(value / 10**exponent) * 10**exponent:.2g}")
 
 
 @dataclass
@@ -125,10 +162,11 @@ class PrivacyAccount:
     @classmethod
     def calibrate(cls, *, who: str, population: int, sample_rate: float, max_steps: int, accountant: str = "rdp",
                   target_epsilon: float | None = None, delta: float | None = None,
-                  noise_multiplier: float | None = None) -> PrivacyAccount:
+                  noise_multiplier: float | None = None, accountant_key: str | None = None) -> PrivacyAccount:
         """The account of a party whose records number ``population``; sigma from ``target_epsilon``
         over ``max_steps`` steps, or the given ``noise_multiplier``. ``delta`` defaults to
-        :func:`default_delta` and must stay below ``1 / population``."""
+        :func:`default_delta` and must stay below ``1 / population``. ``accountant_key``: the
+        configuration key an error message tells to change (see :func:`noise_for_epsilon`)."""
         check_privacy_arguments(who=who, epsilon=target_epsilon, delta=delta, noise_multiplier=noise_multiplier,
                                 accountant=accountant)
         if (target_epsilon is None) == (noise_multiplier is None):
@@ -142,7 +180,8 @@ class PrivacyAccount:
             raise ValueError(f"{who}: delta = {delta:g} must be < 1 / n = {1.0 / population:g} (n = {population}); "
                              "a larger delta allows releasing a record outright")
         if target_epsilon is not None:
-            noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, max_steps, accountant, who)
+            noise_multiplier = noise_for_epsilon(target_epsilon, delta, sample_rate, max_steps, accountant, who,
+                                                 accountant_key, population)
         account = cls(accountant=accountant, delta=delta, noise_multiplier=float(noise_multiplier),
                       sample_rate=float(sample_rate), target_epsilon=target_epsilon, population=int(population),
                       delta_rule=rule)

@@ -95,6 +95,28 @@ def rdp_epsilon(history, delta: float, orders: tuple[float, ...] | None = None) 
     return max(0.0, float(eps))
 
 
+def conversion_floor(delta: float, orders: tuple[float, ...] | None = None) -> float:
+    """The smallest epsilon the RDP -> (epsilon, delta) conversion can give at ``delta`` with these
+    orders, whatever the mechanism: opacus's ``get_privacy_spent`` of zero RDP (sigma -> infinity),
+    never negative. With opacus's orders (largest 63) it is about 0.1029 at delta 1e-5: no noise
+    multiplier and no number of steps brings an RDP epsilon below it."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = orders or default_orders()
+    with warnings.catch_warnings():  # opacus's hint that the best order is the largest one
+        warnings.simplefilter("ignore")
+        eps, _ = get_privacy_spent(orders=list(orders), rdp=[0.0] * len(orders), delta=delta)
+    return max(0.0, float(eps))
+
+
+def delta_for_floor(target_epsilon: float, orders: tuple[float, ...] | None = None) -> float:
+    """The delta above which :func:`conversion_floor` is below ``target_epsilon`` (the inverse of the
+    conversion of zero RDP, at the best order)."""
+    alphas = np.asarray(orders or default_orders(), dtype=np.float64)
+    log_delta = -((target_epsilon - np.log((alphas - 1) / alphas)) * (alphas - 1) + np.log(alphas))
+    return float(np.exp(log_delta.min()))
+
+
 #: The largest noise multiplier a calibration tries (opacus's ``MAX_SIGMA``).
 MAX_SIGMA = 1e6
 

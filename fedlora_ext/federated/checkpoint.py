@@ -189,6 +189,8 @@ def restore(sim: Simulation, index: dict, tensors: dict[str, Tensor], run_dir: P
         privacy.noise.seed, privacy.noise.offset = _read_key(run_dir, "server"), int(server["offset"])
     sim.server.ledger = CommLedger(rounds=[{d: {int(c): int(n) for c, n in r[d]} for d in r} for r in index["ledger"]])
     sim.history = list(index["history"])
+    if sim.server.privacy_ledger is not None:
+        sim.server.privacy_ledger.replay(sim.history, sim.clients)
     torch.set_rng_state(tensors["rng/torch"])
     return int(index["rounds_done"])
 

@@ -9,6 +9,7 @@ weight is overwritten before training, so nothing of an earlier client can leak 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -155,6 +156,7 @@ class LocalTrainer:
         # tensor as it was when ``train`` started, for a trainer used outside a federated round)
         self.proximal = proximal
         self.dp_seconds = 0.0  # time in the clip-and-noise step (benchmarks split a round with it)
+        self.steps = 0  # optimizer steps taken (DP-SGD: noisy steps, empty samples included)
 
     def batches(self, steps: int):
         """``steps`` mini-batches sampled without replacement within each pass, seeded."""
@@ -204,6 +206,7 @@ class LocalTrainer:
                 if params.get(name) is not None and params[name].grad is not None:
                     params[name].grad.mul_(mask.to(params[name].grad.dtype))
             optimizer.step()
+            self.steps += 1
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
 
@@ -254,6 +257,7 @@ class LocalTrainer:
                             p.grad.add_(g)
                 optimizer.step()
                 privacy.account.step()
+                self.steps += 1
         return sum(losses) / max(sum(counts), 1) if counts else float("nan")
 
 
@@ -267,6 +271,7 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     strategy.prepare(model, client, payload, round_index)
     start = adapters.read_tensors(model)
     trainer = LocalTrainer(strategy.config, data, seed, client.privacy, proximal=payload)
+    first_offset = client.privacy.noise.offset if client.privacy is not None else None
     # dropout draws from torch's global generator: seed it per client and round, so a client's round is
     # the same whichever clients ran before it in this process (simulator, Flower node, resumed run)
     with torch.random.fork_rng(devices=[]):
@@ -277,7 +282,25 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     upload = strategy.upload(model, client, start, round_index)
     client.tensors = {n: t.detach().clone() for n, t in strategy.keep(model, client, round_index).items()}
     client.info["last_round"] = round_index
-    metrics = {"loss": loss, "dp_seconds": trainer.dp_seconds}
-    if client.privacy is not None:  # the spend so far: a number the client may share, unlike its key
-        metrics["epsilon"] = client.info["epsilon"] = client.privacy.account.epsilon()
-    return Reply(cid=client.cid, num_examples=client.num_examples, tensors=upload, metrics=metrics)
+    local = {"loss": loss, "steps": trainer.steps, "dp_seconds": trainer.dp_seconds}
+    if client.privacy is not None:  # the stretch of its stream this round used: [first, last]
+        local.update(first_offset=first_offset, last_offset=client.privacy.noise.offset - 1)
+    log_local(client.cid, round_index, local)
+    if client.privacy is None:  # nothing is promised: the loss may go to the server's records
+        metrics = {"loss": loss}
+    else:  # the spend so far, a function of public parameters (sigma, q, steps); never the loss or the key
+        metrics = {"epsilon": client.privacy.account.epsilon()}
+        client.info["epsilon"] = metrics["epsilon"]
+    return Reply(cid=client.cid, num_examples=client.num_examples, tensors=upload, metrics=metrics, local=local)
+
+
+#: the client's own log: what it notes of a round and never sends (the SuperNode's log on Flower; in
+#: the simulator, the run's --log-file)
+client_log = logging.getLogger("fedlora_ext.client")
+
+
+def log_local(cid: int, round_index: int, local: Mapping[str, float]) -> None:
+    """Notes a round's training loss, steps and noise offsets in the client's own log (it stays there)."""
+    offsets = f", noise offsets {local['first_offset']}..{local['last_offset']}" if "first_offset" in local else ""
+    client_log.info("client %d, round %d: %d local steps%s, training loss %.6g", cid, round_index + 1,
+                    local["steps"], offsets, local["loss"])

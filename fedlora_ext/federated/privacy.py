@@ -35,23 +35,66 @@ def _noise_stream(config: FedConfig, *labels) -> NoiseStream:
     return NoiseStream(derive_seed(config.dp_noise_seed, "noise", *labels))
 
 
-def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> ClientPrivacy:
-    """A client's DP-SGD state: account calibrated to ``dp_epsilon`` (or ``dp_noise_multiplier``), key."""
+def client_account(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> PrivacyAccount:
+    """A client's DP-SGD account, calibrated to ``dp_epsilon`` (or ``dp_noise_multiplier``) from public
+    values only (n_k, q = B / n_k, the most steps of the run), so the server can compute it too."""
     rate = min(1.0, config.batch_size / max(num_examples, 1))
-    account = PrivacyAccount.calibrate(
+    return PrivacyAccount.calibrate(
         who=f"client {cid} (n = {num_examples})", population=num_examples, sample_rate=rate,
         max_steps=config.rounds * strategy.local_steps_per_round(num_examples), accountant=config.dp_accountant,
-        target_epsilon=config.dp_epsilon, delta=config.dp_delta, noise_multiplier=config.dp_noise_multiplier)
-    return ClientPrivacy(account=account, noise=_noise_stream(config, "client", cid), max_grad_norm=config.dp_max_grad_norm)
+        target_epsilon=config.dp_epsilon, delta=config.dp_delta, noise_multiplier=config.dp_noise_multiplier,
+        accountant_key="dp_accountant")
 
 
-def budget_refusal(client: ClientState, strategy: Strategy) -> str | None:
-    """Why ``client`` may not train this round (its privacy budget would be exceeded by the round's
-    most steps, ``local_steps_per_round``), or None. Where the account lives elsewhere (a Flower node),
-    what the node last said (``info["budget_exhausted"]``)."""
-    if client.privacy is not None:
-        return client.privacy.refusal(strategy.local_steps_per_round(client.num_examples), f"client {client.cid}")
-    return client.info.get("budget_exhausted") or None
+def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> ClientPrivacy:
+    """A client's DP-SGD state: its account (:func:`client_account`) and its secret noise stream."""
+    return ClientPrivacy(account=client_account(config, strategy, cid, num_examples),
+                         noise=_noise_stream(config, "client", cid), max_grad_norm=config.dp_max_grad_norm)
+
+
+class PrivacyLedger:
+    """The server's own account of every client's DP-SGD spend: the authority that admits clients.
+
+    The server never takes a client's word for its spend. It knows everything a client's account
+    depends on (n_k, q = B / n_k, sigma calibrated from them, the steps of a round,
+    ``local_steps_per_round``), and it records a round's steps when it asks a client to train, whether
+    or not a reply comes back: a client that was asked may have trained, and a client that trained has
+    spent. A client whose next round would pass its target is never asked again, whatever it says.
+    """
+
+    def __init__(self, config: FedConfig, strategy: Strategy, clients: list[ClientState]) -> None:
+        self.strategy = strategy
+        self.accounts = {c.cid: client_account(config, strategy, c.cid, c.num_examples) for c in clients}
+
+    def steps_per_round(self, client: ClientState) -> int:
+        return self.strategy.local_steps_per_round(client.num_examples)
+
+    def refusal(self, client: ClientState) -> str | None:
+        """Why ``client`` may not be asked to train this round (its target would be passed), or None."""
+        return self.accounts[client.cid].refusal(self.steps_per_round(client), f"client {client.cid}")
+
+    def ask(self, client: ClientState, attempt: int) -> dict:
+        """Records the steps of the round ``client`` is asked to train; returns the training's record
+        (a line of ``trainings`` in metrics.jsonl: client, attempt, steps, sigma, q)."""
+        account = self.accounts[client.cid]
+        steps = self.steps_per_round(client)
+        account.step(steps)
+        return {"client": client.cid, "attempt": attempt, "steps": steps, "sigma": account.noise_multiplier,
+                "q": account.sample_rate}
+
+    def steps(self, cid: int) -> int:
+        return self.accounts[cid].steps
+
+    def replay(self, history: list[dict], clients: list[ClientState]) -> None:
+        """The ledger of a resumed run: the steps in ``history``'s ``trainings`` (at least what each
+        client's own account holds, for runs recorded before ``trainings`` existed)."""
+        for cid, account in self.accounts.items():
+            asked = sum(t["steps"] for m in history for t in m.get("trainings", []) if t["client"] == cid)
+            own = next((c.privacy.account.steps for c in clients if c.cid == cid and c.privacy is not None), 0)
+            account.history = [(account.noise_multiplier, account.sample_rate, max(asked, own))]
+
+    def report(self) -> dict[str, dict]:
+        return {str(cid): account.report() for cid, account in self.accounts.items()}
 
 
 class ServerPrivacy:
@@ -65,7 +108,7 @@ class ServerPrivacy:
             who=f"server DP-FedAvg (N = {num_clients} clients)", population=num_clients,
             sample_rate=config.participation, max_steps=config.rounds, accountant=config.server_dp_accountant,
             target_epsilon=config.server_dp_epsilon, delta=config.server_dp_delta,
-            noise_multiplier=config.server_dp_noise_multiplier)
+            noise_multiplier=config.server_dp_noise_multiplier, accountant_key="server_dp_accountant")
         self.noise = _noise_stream(config, "server")
         self.max_rounds = config.rounds
 
@@ -109,20 +152,38 @@ class ServerPrivacy:
                                      f"expected {tuple(want)}")
 
 
-def privacy_report(clients: list[ClientState], server: ServerPrivacy | None,
-                   client_reports: dict[str, dict] | None = None) -> dict:
-    """epsilon, delta (and its rule), n, sigma, q, steps and accountant per client (and for the server),
-    and the maximum;
-    ``client_reports`` stands in for the accounts where they live elsewhere (Flower nodes report theirs)."""
+def privacy_report(ledger: PrivacyLedger | None, server: ServerPrivacy | None,
+                   client_reports: dict[str, dict] | None = None, release: dict | None = None) -> dict:
+    """The run's privacy report (privacy.json): per client the server's ledger (epsilon, delta and its
+    rule, n, sigma, q, steps, accountant), the maximum, each client's own report beside it
+    (``client_reports``: the accounts in the simulator, what Flower nodes reported) with any
+    ``disagreements`` flagged, the server's DP-FedAvg account, and ``release``: what left the clients
+    and under which adjacency (:func:`fedlora_ext.federated.release.release_statement`)."""
     report: dict = {}
-    per_client = client_reports if client_reports is not None else {
-        str(c.cid): c.privacy.account.report() for c in clients if c.privacy is not None}
-    if per_client:
-        report["clients"] = per_client
-        report["epsilon_max"] = max(r["epsilon"] for r in per_client.values())
+    if ledger is not None:
+        report["clients"] = ledger.report()
+        report["epsilon_max"] = max((r["epsilon"] for r in report["clients"].values()), default=0.0)
+        own = client_reports or {}
+        report["client_reports"] = own
+        report["disagreements"] = {cid: disagreement(report["clients"][cid], own.get(cid))
+                                   for cid in report["clients"] if disagreement(report["clients"][cid], own.get(cid))}
     if server is not None:
         report["server"] = server.account.report()
+    if report and release is not None:
+        report["release"] = release
     return report
+
+
+def disagreement(ledger: dict, own: dict | None) -> str | None:
+    """How a client's own report differs from the server's ledger (None when it agrees). Fewer steps
+    than asked is expected of a client whose reply was lost before it trained, or that failed mid-round;
+    more is a client that trained without being asked, or an account the server does not know."""
+    if own is None:
+        return None if ledger["steps"] == 0 else "no report from the client"
+    if int(own.get("steps", -1)) != int(ledger["steps"]):
+        return (f"the client reports {own.get('steps')} steps (epsilon {float(own.get('epsilon', math.nan)):.4g}), "
+                f"the server asked {ledger['steps']} (epsilon {ledger['epsilon']:.4g})")
+    return None
 
 
 def format_report(report: dict) -> str:

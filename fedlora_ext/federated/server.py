@@ -22,7 +22,7 @@ from fedlora_ext.federated.robust import robust_update, update_norm
 from fedlora_ext.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from fedlora_ext.federated.privacy import ServerPrivacy
+    from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy
 
 log = logging.getLogger("fedlora_ext.server")
 
@@ -31,7 +31,8 @@ class Server:
     """Holds the global state between rounds and accounts every byte sent and received."""
 
     def __init__(self, strategy: Strategy, state: GlobalState, seed: int, privacy: ServerPrivacy | None = None,
-                 template: Callable[[int], dict[str, Tensor]] | None = None, device: torch.device | None = None) -> None:
+                 template: Callable[[int], dict[str, Tensor]] | None = None, device: torch.device | None = None,
+                 privacy_ledger: PrivacyLedger | None = None) -> None:
         self.strategy = strategy
         self.state = state
         self.seed = seed
@@ -41,6 +42,9 @@ class Server:
         self.device = device  # where the global state lives and uploads are aggregated (None: where they come)
         self._trains_at: dict[int, int] = {}  # cid -> the rank it was configured with this round
         self._sent: dict[int, dict[str, Tensor]] = {}  # cid -> what it downloaded this round
+        # the server's own count of every client's DP-SGD steps (sample-level DP runs), which admits clients
+        self.privacy_ledger = privacy_ledger
+        self.trainings: list[dict] = []  # every training asked this round (retries included), with its steps
 
     def sample(self, round_index: int, clients: list[ClientState], attempt: int = 0) -> list[ClientState]:
         """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one;
@@ -54,13 +58,13 @@ class Server:
         return [clients[i] for i in np.sort(rng.choice(len(clients), size=k, replace=False))]
 
     def admit(self, sampled: list[ClientState], round_index: int) -> tuple[list[ClientState], dict[str, str]]:
-        """The sampled clients whose privacy budget allows this round's steps, and (cid -> reason) the
-        ones left out of the round because it does not (logged): no client trains past its target."""
-        from fedlora_ext.federated.privacy import budget_refusal
-
+        """The sampled clients whose privacy budget allows this round's steps by the server's own ledger,
+        and (cid -> reason) the ones left out of the round (logged): no client is asked to train past
+        its target, whatever it reports. A client that said it is out of budget is not asked either."""
         admitted, refused = [], {}
         for client in sampled:
-            reason = budget_refusal(client, self.strategy)
+            reason = self.privacy_ledger.refusal(client) if self.privacy_ledger is not None else None
+            reason = reason or client.info.get("budget_exhausted") or None
             if reason is None:
                 admitted.append(client)
             else:
@@ -71,9 +75,16 @@ class Server:
 
     def start_round(self) -> None:
         self.ledger.start_round()
+        self.trainings = []
 
-    def configure(self, client: ClientState, round_index: int) -> dict[str, Tensor]:
-        """What the client downloads this round (and its bytes, on the ledger)."""
+    def configure(self, client: ClientState, round_index: int, attempt: int = 0) -> dict[str, Tensor]:
+        """What the client downloads to train this round (and its bytes, on the ledger); the training
+        and its steps are recorded in ``trainings`` and, under DP-SGD, charged to the privacy ledger."""
+        if self.privacy_ledger is not None:
+            self.trainings.append(self.privacy_ledger.ask(client, attempt))
+        else:
+            self.trainings.append({"client": client.cid, "attempt": attempt,
+                                   "steps": self.strategy.local_steps_per_round(client.num_examples)})
         payload = self.strategy.download(self.state, client, round_index)
         self._trains_at[client.cid] = client.rank  # HetLoRA may lower client.rank once it has trained
         self._sent[client.cid] = payload

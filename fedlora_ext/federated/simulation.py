@@ -37,7 +37,8 @@ from fedlora_ext.federated.partition import (
     iid_partition,
     split_train_test,
 )
-from fedlora_ext.federated.privacy import ServerPrivacy, client_privacy, privacy_report
+from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy, client_privacy, privacy_report
+from fedlora_ext.federated.release import release_statement
 from fedlora_ext.federated.server import Server
 from fedlora_ext.strategies.base import Strategy, make_strategy
 
@@ -77,8 +78,9 @@ class Simulation:
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train
             check_private_model(config, self.strategy, init)
         server_privacy = ServerPrivacy(config, self.strategy, len(self.clients)) if config.server_dp else None
+        ledger = PrivacyLedger(config, self.strategy, self.clients) if config.sample_dp else None
         self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template,
-                             device=self.bench.device)
+                             device=self.bench.device, privacy_ledger=ledger)
         self.history: list[dict] = []
         self.rounds_done = 0
 
@@ -143,6 +145,7 @@ class Simulation:
             self.server.aggregate(replies, round_index, self.clients)
         aggregated = time.perf_counter()
         metrics = round_metrics(round_index, replies, self.ledger)
+        metrics["trainings"] = list(self.server.trainings)
         if failed:
             metrics["failed"] = failed
         if skipped:
@@ -154,7 +157,7 @@ class Simulation:
         metrics.update(self.evaluate(round_index, [c for c in self.clients if c.cid in replied]))
         finished = time.perf_counter()
         metrics.update(seconds=finished - started, seconds_train=trained_at - started,
-                       seconds_dp=sum(r.metrics.get("dp_seconds", 0.0) for r in replies),
+                       seconds_dp=sum(r.local.get("dp_seconds", 0.0) for r in replies),
                        seconds_aggregate=aggregated - trained_at, seconds_eval=finished - aggregated)
         self.history.append(metrics)
         return metrics
@@ -165,7 +168,7 @@ class Simulation:
         faults = injected_faults(self.config, round_index, attempt, [c.cid for c in sampled])
         replies, trained, errors = [], [], []
         for client in sampled:
-            payload = self.server.configure(client, round_index)
+            payload = self.server.configure(client, round_index, attempt)
             fault = faults.get(client.cid)
             started = time.perf_counter()
             try:
@@ -206,7 +209,9 @@ class Simulation:
         return privacy_metrics(self.config, epsilons, self.clients, self.server.privacy)
 
     def privacy_report(self) -> dict:
-        return privacy_report(self.clients, self.server.privacy)
+        own = {str(c.cid): c.privacy.account.report() for c in self.clients if c.privacy is not None}
+        return privacy_report(self.server.privacy_ledger, self.server.privacy, own,
+                              release_statement(self.config, personal=personal_evaluation(self.config, self.strategy)))
 
     def global_model(self):
         """The server's model: global tensors (and merged base) at the global rank."""
@@ -361,11 +366,13 @@ def check_private_model(config: FedConfig, strategy: Strategy, model) -> None:
 
 
 def round_metrics(round_index: int, replies: list, ledger: CommLedger) -> dict:
-    """The round's line of ``metrics.jsonl`` before evaluation: who replied, their loss, the bytes."""
-    losses = [r.metrics["loss"] for r in replies if np.isfinite(r.metrics["loss"])]
-    return {"round": round_index + 1, "clients": [r.cid for r in replies],
-            "train_loss": float(np.mean(losses)) if losses else None,
-            "bytes_up": ledger.round_total("up"), "bytes_down": ledger.round_total("down")}
+    """The round's line of ``metrics.jsonl`` before evaluation: who replied, the bytes and, where the
+    clients sent it (runs without DP-SGD; a private client keeps its loss), their mean training loss."""
+    metrics = {"round": round_index + 1, "clients": [r.cid for r in replies]}
+    if any("loss" in r.metrics for r in replies) or not replies:
+        losses = [r.metrics["loss"] for r in replies if "loss" in r.metrics and np.isfinite(r.metrics["loss"])]
+        metrics["train_loss"] = float(np.mean(losses)) if losses else None
+    return {**metrics, "bytes_up": ledger.round_total("up"), "bytes_down": ledger.round_total("down")}
 
 
 def privacy_metrics(config: FedConfig, epsilons: dict[str, float], clients: list[ClientState], server_privacy) -> dict:

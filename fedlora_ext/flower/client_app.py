@@ -4,8 +4,13 @@ Every message carries the run's configuration from the server; the node's ``node
 client it is (``partition-id``, and ``num-partitions`` must equal ``num_clients``), optionally its
 adapter ``rank`` and its ``device`` (``"cuda:1"``: where this node trains, instead of the run's
 ``device``; transport stays CPU arrays). The client's state (kept tensors, account, noise key and
-offset, merged base) lives in ``context.state`` on the node: the key never leaves it. Replies hold
-only what the method uploads, the loss, the rank and the epsilon spent so far.
+offset, merged base) lives in ``context.state`` on the node and, with ``state-dir`` in its
+``node_config``, in a file there that survives a SuperNode restart (:mod:`fedlora_ext.flower.node_state`):
+the key never leaves the node. A train message says how many DP-SGD steps the server has asked of the
+client before it (``steps-asked``); the node's account and noise offset never fall below that, so
+even a node that lost its state neither resets its budget nor reuses a (key, offset) pair. Replies
+hold only what the method uploads and fields public under the privacy guarantee (n_k, rank, the
+account's report; docs/PRIVACY.md); a private client's training loss stays in the node's own log.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.device import resolve_device
 from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.task import build_task
-from fedlora_ext.federated.client import ModelBench, run_client_round
+from fedlora_ext.federated.client import ModelBench, client_log, run_client_round
 from fedlora_ext.federated.client_state import client_meta, restore_client
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.federated.privacy import client_privacy
@@ -32,6 +37,7 @@ from fedlora_ext.federated.simulation import (
     initial_model,
     partition_clients,
 )
+from fedlora_ext.flower.node_state import load_state, save_state, state_file
 from fedlora_ext.flower.records import config_from_record, from_arrays, to_arrays
 from fedlora_ext.strategies.base import make_strategy
 from fedlora_ext.strategies.merging import MergingStrategy
@@ -39,6 +45,7 @@ from fedlora_ext.strategies.merging import MergingStrategy
 log = logging.getLogger("fedlora_ext.flower")
 
 app = ClientApp()
+client_log.setLevel(logging.INFO)  # the node's own log holds what its client keeps (training loss, steps)
 
 _STATE = "fedlora.client"  # ConfigRecord: the client's meta (JSON, with its key), the merge marker
 _TENSORS = "fedlora.tensors"  # ArrayRecord: what the client keeps between rounds
@@ -100,21 +107,31 @@ class NodeRuntime:
         return client
 
     def load(self, context: Context) -> tuple[ClientState, dict[str, torch.Tensor], int]:
-        """The client, its merged base and merge marker from the node's state (fresh on first use)."""
-        if _STATE not in context.state:
-            base = {n: w.clone() for n, w in self.initial.base.items()}
-            return self.new_client(), base, 0
-        meta = json.loads(context.state[_STATE]["meta"])
-        client = restore_client(meta, from_arrays(context.state[_TENSORS]))
-        base = from_arrays(context.state[_BASE]) if _BASE in context.state else {}
-        return client, base, int(context.state[_STATE]["merged-through"])
+        """The client, its merged base and merge marker from the node's state: Flower's, else the
+        node's state file (a restarted SuperNode), else fresh on first use."""
+        if _STATE in context.state:
+            meta = json.loads(context.state[_STATE]["meta"])
+            client = restore_client(meta, from_arrays(context.state[_TENSORS]))
+            base = from_arrays(context.state[_BASE]) if _BASE in context.state else {}
+            return client, base, int(context.state[_STATE]["merged-through"])
+        path = state_file(context.node_config, context.run_id, self.cid)
+        stored = load_state(path) if path is not None else None
+        if stored is not None:
+            meta, tensors, base = stored
+            log.info("client %d: continuing from its state file %s", self.cid, path)
+            return restore_client(meta, tensors), base, int(meta["merged-through"])
+        base = {n: w.clone() for n, w in self.initial.base.items()}
+        return self.new_client(), base, 0
 
     def save(self, context: Context, client: ClientState, base: dict, merged_through: int) -> None:
-        context.state[_STATE] = ConfigRecord({"meta": json.dumps(client_meta(client, secret=True)),
-                                              "merged-through": merged_through})
+        meta = client_meta(client, secret=True)
+        context.state[_STATE] = ConfigRecord({"meta": json.dumps(meta), "merged-through": merged_through})
         context.state[_TENSORS] = to_arrays(client.tensors)
         if base:
             context.state[_BASE] = to_arrays(base)
+        path = state_file(context.node_config, context.run_id, self.cid)
+        if path is not None:
+            save_state(path, {**meta, "merged-through": merged_through}, client.tensors, base)
 
 
 
@@ -177,6 +194,21 @@ class Arrival:
         self.node.save(context, self.client, self.base, self.merged_through)
 
 
+def follow_server_count(client: ClientState, asked: int) -> None:
+    """A private client's account and noise offset raised to the ``asked`` steps the server counts
+    before this round, where they are behind (a node that lost its state): the server's count is
+    public and never below what the client took, so the account only grows more conservative and no
+    offset of the stream is used twice."""
+    if client.privacy is None:
+        return
+    account, noise = client.privacy.account, client.privacy.noise
+    if account.steps < asked:
+        log.warning("client %d: its account holds %d DP-SGD steps, the server asked %d; counting the %d missing "
+                    "(its state was lost?)", client.cid, account.steps, asked, asked - account.steps)
+        account.step(asked - account.steps)
+    noise.offset = max(noise.offset, asked)
+
+
 def _privacy_record(client: ClientState) -> ConfigRecord:
     """The account's report (epsilon, delta, n, sigma, q, steps ...): never the key; no None values."""
     return ConfigRecord({k: v for k, v in client.privacy.account.report().items() if v is not None})
@@ -196,6 +228,7 @@ def train(message: Message, context: Context) -> Message:
     ``exhausted`` says why it could not train another round ("" when it could)."""
     arrival = Arrival.of(message, context)
     node, client = arrival.node, arrival.client
+    follow_server_count(client, int(message.content["config"].get("steps-asked", 0)))
     refusal = _budget_refusal(node, client)
     if refusal is not None:
         log.warning("round %d: %s; not training (privacy budget exhausted)", arrival.round_index + 1, refusal)

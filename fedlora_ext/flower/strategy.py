@@ -34,7 +34,8 @@ from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.core.validation import RejectedUpdate
 from fedlora_ext.data.task import build_task
 from fedlora_ext.federated.client import ModelBench
-from fedlora_ext.federated.privacy import ServerPrivacy, privacy_report
+from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy, privacy_report
+from fedlora_ext.federated.release import release_statement
 from fedlora_ext.federated.server import Server
 from fedlora_ext.federated.simulation import (
     check_private_model,
@@ -91,7 +92,20 @@ class FedLoRAStrategy(FlowerStrategy):
                 raise FlowerRunError(f"{len(node_ids)} of num_clients = {config.num_clients} nodes connected within "
                                      f"{self.node_timeout:.0f} s; start more supernodes or lower num_clients")
             time.sleep(0.5)
-        hello = [Message(RecordDict({"config": config_record(config)}), node_id, MessageType.QUERY)
+        found = self._ask_who(grid, node_ids)
+        if len(found) < len(node_ids):
+            raise FlowerRunError(f"{len(found)} of {len(node_ids)} nodes answered within {self.node_timeout:.0f} s")
+        if sorted(found) != list(range(config.num_clients)):
+            raise FlowerRunError(f"nodes hold partitions {sorted(found)}, expected 0..{config.num_clients - 1} "
+                                 f"(num_clients = {config.num_clients})")
+        ranks = tuple(found[c][2] for c in range(config.num_clients))
+        if ranks != config.ranks():  # ranks come from the nodes (node_config "rank")
+            config = config.replace(client_ranks=ranks)
+        self.setup(config, {c: found[c][0] for c in found}, {c: found[c][1] for c in found})
+
+    def _ask_who(self, grid: Grid, node_ids: list[int]) -> dict[int, tuple[int, int, int]]:
+        """Asks ``node_ids`` (a QUERY message) who they are: client id -> (node id, n_k, rank)."""
+        hello = [Message(RecordDict({"config": config_record(self.config)}), node_id, MessageType.QUERY)
                  for node_id in node_ids]
         replies = list(grid.send_and_receive(hello, timeout=self.node_timeout))
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in hello}
@@ -106,15 +120,29 @@ class FedLoRAStrategy(FlowerStrategy):
                 raise FlowerRunError(f"nodes {found[cid][0]} and {node} both claim partition-id "
                                      f"{cid}; give every supernode its own --node-config partition-id")
             found[cid] = (node, n, rank)
-        if len(found) < len(node_ids):
-            raise FlowerRunError(f"{len(found)} of {len(node_ids)} nodes answered within {self.node_timeout:.0f} s")
-        if sorted(found) != list(range(config.num_clients)):
-            raise FlowerRunError(f"nodes hold partitions {sorted(found)}, expected 0..{config.num_clients - 1} "
-                                 f"(num_clients = {config.num_clients})")
-        ranks = tuple(found[c][2] for c in range(config.num_clients))
-        if ranks != config.ranks():  # ranks come from the nodes (node_config "rank")
-            config = config.replace(client_ranks=ranks)
-        self.setup(config, {c: found[c][0] for c in found}, {c: found[c][1] for c in found})
+        return found
+
+    def rediscover(self, grid: Grid, round_index: int) -> None:
+        """Nodes that joined since the run started (a restarted SuperNode comes back with a new node id)
+        are asked who they are; one that holds a client of the run, with its n_k and rank, takes over
+        that client's messages. Anything else about it is logged and it is left out."""
+        known = set(self.nodes.values())
+        new = [node for node in grid.get_node_ids() if node not in known]
+        if not new:
+            return
+        try:
+            found = self._ask_who(grid, new)
+        except FlowerRunError as error:
+            log.warning("round %d: a new node could not say who it is: %s", round_index + 1, error)
+            return
+        for cid, (node, n, rank) in found.items():
+            client = next((c for c in self.clients if c.cid == cid), None)
+            if client is None or client.num_examples != n or self.config.ranks()[cid] != rank:
+                log.warning("round %d: node %s claims client %d (n = %d, rank %d), which does not match the run's; "
+                            "left out", round_index + 1, node, cid, n, rank)
+                continue
+            log.info("round %d: client %d is now at node %s (was %s)", round_index + 1, cid, node, self.nodes[cid])
+            self.nodes[cid] = node
 
     def setup(self, config: FedConfig, nodes: dict[int, int], num_examples: dict[int, int]) -> None:
         """The server state of the run: model, initial adapter (seeded as on every node) and clients."""
@@ -128,11 +156,13 @@ class FedLoRAStrategy(FlowerStrategy):
         if config.sample_dp:
             check_private_model(config, strategy, init)
         privacy = ServerPrivacy(config, strategy, config.num_clients) if config.server_dp else None
-        self.server = Server(strategy, strategy.init_state(init), config.seed, privacy, self.bench.template,
-                             device=self.bench.device)
         self.nodes = dict(nodes)
         self.clients = [ClientState(cid=c, rank=strategy.client_rank(config.ranks()[c]), num_examples=num_examples[c])
                         for c in sorted(nodes)]
+        # the server's own count of each node's DP-SGD steps: what admits a node, whatever it reports
+        ledger = PrivacyLedger(config, strategy, self.clients) if config.sample_dp else None
+        self.server = Server(strategy, strategy.init_state(init), config.seed, privacy, self.bench.template,
+                             device=self.bench.device, privacy_ledger=ledger)
         out = self.out_dir
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -154,18 +184,28 @@ class FedLoRAStrategy(FlowerStrategy):
     def global_arrays(self) -> ArrayRecord:
         return to_arrays(self.strategy.global_tensors(self.state))
 
-    def _message(self, client: ClientState, kind: str, round_index: int, payload) -> Message:
-        content = RecordDict({"arrays": to_arrays(payload), "config": config_record(self.config, round=round_index)})
+    def _message(self, client: ClientState, kind: str, round_index: int, payload, **extra) -> Message:
+        content = RecordDict({"arrays": to_arrays(payload),
+                              "config": config_record(self.config, round=round_index, **extra)})
         return Message(content, self.nodes[client.cid], kind)
+
+    def _train_message(self, client: ClientState, round_index: int) -> Message:
+        """A train message; under DP-SGD it tells the node the steps the server asked of it before
+        (``steps-asked``), below which its account and noise offset must not be."""
+        ledger = self.server.privacy_ledger
+        asked = ledger.steps(client.cid) if ledger is not None else 0
+        payload = self.server.configure(client, round_index)  # charges this round's steps to the ledger
+        return self._message(client, MessageType.TRAIN, round_index, payload, **{"steps-asked": asked})
 
     # ---- training --------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         round_index = server_round - 1
+        self.rediscover(grid, round_index)
         self.server.start_round()
         sampled, exhausted = self.server.admit(self.server.sample(round_index, self.clients), round_index)
         log.info("round %d: training on clients %s", server_round, [c.cid for c in sampled])
-        messages = [self._message(c, MessageType.TRAIN, round_index, self.server.configure(c, round_index)) for c in sampled]
+        messages = [self._train_message(c, round_index) for c in sampled]
         self._round = {"index": round_index, "sent": list(zip(messages, sampled)), "started": time.perf_counter(),
                        "exhausted": exhausted}
         return messages
@@ -210,17 +250,28 @@ class FedLoRAStrategy(FlowerStrategy):
         if accepted or self.server.privacy is not None:
             self.server.aggregate(accepted, round_index, self.clients)
         metrics = round_metrics(round_index, accepted, self.server.ledger)
+        metrics["trainings"] = list(self.server.trainings)
         if failed:
             metrics["failed"] = failed
         if exhausted:
             metrics["budget_exhausted"] = exhausted
-        epsilons = {str(r.cid): r.metrics["epsilon"] for r in accepted if "epsilon" in r.metrics}
+        epsilons = self._ledger_epsilons()
         metrics.update(privacy_metrics(self.config, epsilons, self.clients, self.server.privacy))
         metrics.update(seconds_train=trained - self._round["started"],
                        seconds_aggregate=time.perf_counter() - trained)
         self._round["metrics"] = metrics
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         return self.global_arrays(), MetricRecord(scalars)
+
+    def _ledger_epsilons(self) -> dict[str, float]:
+        """Epsilon by the server's ledger of every client asked to train this round (kept in
+        ``client.info`` for ``epsilon_max``): what the records say, whatever the nodes report."""
+        ledger, epsilons = self.server.privacy_ledger, {}
+        if ledger is not None:
+            for cid in dict.fromkeys(t["client"] for t in self.server.trainings):
+                client = next(c for c in self.clients if c.cid == cid)
+                epsilons[str(cid)] = client.info["epsilon"] = ledger.accounts[cid].epsilon()
+        return epsilons
 
     def _budget(self, message: Message, client: ClientState, round_index: int) -> str | None:
         """What a node says of its privacy budget: why it refused to train this round (returned, and the
@@ -250,8 +301,8 @@ class FedLoRAStrategy(FlowerStrategy):
             content = message.content
             tensors = from_arrays(content.array_records.get("arrays"))
             stats = content.metric_records.get("metrics")
-            if stats is None or "loss" not in stats:
-                raise RejectedUpdate("the reply has no MetricRecord 'metrics' with the loss")
+            if stats is None:
+                raise RejectedUpdate("the reply has no MetricRecord 'metrics'")
         except RejectedUpdate as error:
             reason = f"client {client.cid}, round {round_index + 1}: update rejected: {error}"
             log.warning(reason)
@@ -265,8 +316,6 @@ class FedLoRAStrategy(FlowerStrategy):
         new_rank = int(metrics.get("rank", client.rank))
         if 1 <= new_rank <= client.rank:  # HetLoRA prunes a client's rank; it never grows
             client.rank = new_rank
-        if "epsilon" in metrics:
-            client.info["epsilon"] = metrics["epsilon"]
         if "privacy" in content.config_records:
             self.client_reports[str(client.cid)] = dict(content.config_records["privacy"])
         return reply, None
@@ -323,7 +372,8 @@ class FedLoRAStrategy(FlowerStrategy):
 
     def finish(self) -> dict:
         """The privacy report (and privacy.json); the adapter is already saved after the last round."""
-        report = privacy_report(self.clients, self.server.privacy, self.client_reports or None)
+        release = release_statement(self.config, personal=personal_evaluation(self.config, self.strategy))
+        report = privacy_report(self.server.privacy_ledger, self.server.privacy, self.client_reports, release)
         if self.out_dir is not None and report:
             (self.out_dir / "privacy.json").write_text(json.dumps(report, indent=2))
         return report
