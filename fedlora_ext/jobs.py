@@ -208,9 +208,14 @@ def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
     handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8", delay=True)
     handler.setFormatter(LogFormatter())
     library = logging.getLogger("fedlora_ext")
-    added = [(library, handler), (_job_logger, handler), (library, _LastResort(handler))]
+    # the clients' own log (training loss and steps, which a private client never sends): the file only
+    clients = logging.getLogger("fedlora_ext.client")
+    added = [(library, handler), (_job_logger, handler), (library, _LastResort(handler)), (clients, handler)]
     for logger, each in added:
         logger.addHandler(each)
+    before = clients.level, clients.propagate
+    clients.setLevel(logging.INFO)
+    clients.propagate = False
     try:
         yield
     except BaseException as error:
@@ -220,6 +225,8 @@ def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
     finally:
         for logger, each in added:
             logger.removeHandler(each)
+        clients.setLevel(before[0])
+        clients.propagate = before[1]
         handler.close()
 
 

@@ -212,3 +212,50 @@ def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, 
     assert rounds[0]["clients"] == [0, 1, 2]
     assert [r["clients"] for r in rounds[1:]] == [[0, 1], [0, 1]]
     assert all("client 2" in r["failed"]["2"] for r in rounds[1:])
+
+
+def test_a_restarted_supernode_keeps_its_budget_and_never_reuses_noise(deployment, tmp_path):
+    """DP-SGD with a fixed noise key (the case where a reset stream would repeat noise): once round 1 is
+    recorded, supernode 0 is killed and started again with the same node_config (a new node id, Flower's
+    state gone). It continues from its state file (state-dir) and the server's count: the server finds
+    it again, every node ends within its target, the node's own account equals the server's ledger and
+    its noise offset equals the steps it took (each step used the next unused offset)."""
+    from fedlora_ext.federated.client_state import restore_client
+    from fedlora_ext.flower.node_state import load_state
+
+    out, state = tmp_path / "run", tmp_path / "node-state"
+    target = 6.0
+    run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "rounds": 3, "min-clients": 2,
+                                   "dp-epsilon": target, "dp-noise-seed": 5})
+    node_configs = [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)]
+    deployment.start(node_configs)
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    run = subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides], env=deployment.env,
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists()
+                                                   and (out / "metrics.jsonl").read_text().strip()):
+            time.sleep(0.2)
+        os.killpg(deployment.processes["supernode0"].pid, signal.SIGKILL)
+        deployment.processes["supernode0"].wait(timeout=10)
+        deployment._start("supernode0-restarted", ["flower-supernode", "--insecure", "--superlink",
+                                                   f"127.0.0.1:{deployment.port}", "--port", str(free_port()),
+                                                   "--node-config", node_configs[0]])
+        output, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", output[-3000:] + deployment.logs()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 in rounds[-1]["clients"], "the restarted node took part again"
+    report = json.loads((out / "privacy.json").read_text())
+    assert all(r["epsilon"] <= target for r in report["clients"].values()) and report["epsilon_max"] <= target
+    files = list(state.glob("run-*/client-0.safetensors"))
+    assert len(files) == 1, files
+    meta, _, _ = load_state(files[0])
+    client = restore_client(meta, {})
+    asked = report["clients"]["0"]["steps"]
+    assert client.privacy.account.steps == asked and client.privacy.noise.offset == asked
+    assert sum(t["steps"] for r in rounds for t in r["trainings"] if t["client"] == 0) == asked

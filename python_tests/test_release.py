@@ -201,3 +201,28 @@ def test_metrics_jsonl_alone_gives_the_privacy_table(tmp_path):
         assert sum(t["steps"] for t in mine) == row["steps"]
         history = [(t["sigma"], t["q"], t["steps"]) for t in mine]
         assert history_epsilon(history, row["delta"], row["accountant"]) == pytest.approx(row["epsilon"], rel=1e-12)
+
+
+def test_the_run_log_holds_the_clients_own_lines_and_the_console_does_not(tmp_path, capfd):
+    """``--log-file`` (jobs.job_log) takes the clients' own lines; nothing of them reaches the console."""
+    from fedlora_ext.jobs import job_log
+
+    with job_log(tmp_path / "run.log"):
+        simulation.simulate(private_config("fedit", rounds=1), progress=False)
+    text = (tmp_path / "run.log").read_text()
+    assert "fedlora_ext.client: client 0, round 1: 2 local steps, noise offsets 0..1, training loss" in text
+    captured = capfd.readouterr()
+    assert "training loss" not in captured.out + captured.err
+
+
+def test_docs_privacy_lists_every_released_field():
+    """docs/PRIVACY.md, the audit a reviewer reads, names every field release.py declares."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "PRIVACY.md").read_text()
+    for field in ("tensors", "num_examples", "metrics.epsilon", "metrics.rank", "privacy.*", "budget.exhausted",
+                  "budget.refused", "node.cid", "node.num-examples", "node.rank", "metrics.<score>",
+                  "metrics.num-examples", "training loss", "noise key", "add/remove"):
+        assert field in text, field
+    assert set(release.TRAIN_REPLY) and set(release.KEPT_ON_CLIENT) == {"training loss", "seconds in the DP step",
+                                                                       "noise key and offset"}
