@@ -52,6 +52,14 @@ def messages(log: Path, level: str | None = None) -> list[str]:
     return [STAMP.sub("", line) for line in lines if level is None or STAMP.match(line).group(1) == level]
 
 
+CLIENT = "fedlora_ext.client: "  # the clients' own lines (training loss, steps), which the console never shows
+
+
+def job_lines(log: Path) -> list[str]:
+    """The job's INFO lines: what the console shows (the clients' own lines left out)."""
+    return [line for line in messages(log, "INFO") if not line.startswith(CLIENT)]
+
+
 def _no_job_handlers() -> bool:
     """No handler of a job's log is left on the library's loggers."""
     return not [h for name in ("fedlora_ext", "fedlora_ext.job") for h in logging.getLogger(name).handlers
@@ -65,8 +73,12 @@ def test_the_log_file_holds_the_whole_run_timestamped(tmp_path):
     done = fedlora(*args, "--out", "run", "--log-file", "logs/fedlora.log", cwd=tmp_path)  # relative: to the cwd
     assert done.returncode == 0, done.stderr[-3000:]
     log = tmp_path / "logs" / "fedlora.log"
-    info = messages(log, "INFO")
+    info = job_lines(log)
     assert info == done.stdout.splitlines()  # what the console shows, line for line (the header's three ...)
+    # the clients' own lines: each training's loss (kept from the server under DP-SGD), steps and offsets
+    own = [line for line in messages(log, "INFO") if line.startswith(CLIENT)]
+    assert own and all("training loss" in line and "noise offsets" in line for line in own)
+    assert "noise offsets" not in done.stdout + done.stderr
     assert info[0].startswith("fedlora run: fedit on synthetic")
     assert [line.split("  ")[0] for line in info if line.startswith("round ")] == ["round 1/2", "round 2/2"]
     assert any(line.startswith("summary: final test accuracy") for line in info)
@@ -129,11 +141,11 @@ def test_the_log_in_the_run_folder_goes_with_overwrite_and_continues_on_resume(t
     # --overwrite: run.log is the old run's, removed with it; the new log starts afresh
     again = fedlora("run", *TINY, "--rounds", "1", "--out", out, "--log-file", log, "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert messages(log, "INFO") == again.stdout.splitlines()
+    assert job_lines(log) == again.stdout.splitlines()
     # the resume of a completed run appends its own lines
     resumed = fedlora("run", "--resume", out, "--quiet", "--log-file", log, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert messages(log, "INFO") == again.stdout.splitlines() + resumed.stdout.splitlines()
+    assert job_lines(log) == again.stdout.splitlines() + resumed.stdout.splitlines()
 
 
 def test_a_log_file_in_a_missing_folder_is_one_line(tmp_path):
@@ -188,8 +200,8 @@ def test_tensorboard_scalars_are_the_metrics_of_each_round(tmp_path):
     history = _same_as_metrics(out)
     assert len(history) == 2
     tags = set(_scalars(out / "tensorboard"))
-    assert {"train_loss", "test_accuracy", "epsilon_max", "server_epsilon", "bytes_up", "bytes_down",
-            "seconds"} <= tags
+    assert {"test_accuracy", "epsilon_max", "server_epsilon", "bytes_up", "bytes_down", "seconds"} <= tags
+    assert "train_loss" not in tags  # a private client keeps its loss
     # --overwrite removes the old event files with the rest of the run
     assert main(["run", *TINY, "--rounds", "1", "--out", str(out), "--tensorboard", "--overwrite"]) == 0
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1

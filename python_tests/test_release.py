@@ -129,7 +129,7 @@ def flower_train_replies(monkeypatch, config, flip: bool):
     return replies, grid
 
 
-@pytest.mark.parametrize("method", ["ffa_lora", "fedsa_lora", "hetlora", "lora_a2", "flora"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_a_private_flower_reply_holds_only_the_documented_records(method, monkeypatch):
     """The same on Flower: the records of every train reply and their keys are exactly the documented
     ones and equal on D and D'; no noise key in any form; no loss."""

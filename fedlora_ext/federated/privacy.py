@@ -203,4 +203,11 @@ def format_report(report: dict) -> str:
                      f"{r['steps']:>6}  {r['accountant']:<10}  {r.get('delta_rule', '?')}")
     if "epsilon_max" in report:
         lines.append(f"sample-level epsilon (max over clients): {report['epsilon_max']:.3f}")
+    release = report.get("release", {})
+    if "adjacency" in release:
+        lines.append(f"guarantee for: {release['adjacency']}; the training loss stays on each client")
+    if release.get("outside_guarantee"):
+        lines.append(f"outside the guarantee: {'; '.join(release['outside_guarantee'])} (docs/PRIVACY.md)")
+    for cid, why in report.get("disagreements", {}).items():
+        lines.append(f"client {cid} disagrees with the server's ledger: {why}")
     return "\n".join(lines)
