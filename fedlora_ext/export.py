@@ -20,14 +20,25 @@ Formats:
   ``id2label`` / ``label2id`` in its config and the tokenizer (none for synthetic-token runs).
 
 Both also hold ``labels.json`` (classification with named labels) and ``fedlora_export.json`` (what was
-exported from which run, the run's config, notes). peft warns about keys it does not know in
-``adapter_config.json``, so the label names are not put there.
+exported from which run, the run's config, notes, and under ``written`` every file and folder the export
+wrote: what ``--overwrite`` may remove). peft warns about keys it does not know in
+``adapter_config.json``, so the label names are not put there. A causal LM read with a tokenizer (SFT,
+causal_lm) also gets ``generation_config.json``: eos is the token training ended every answer with (the
+tokenizer's eos, else its separator), pad the tokenizer's (a merged ``config.json`` agrees); SFT exports
+keep ``prompt_template.json``, how training built each prompt.
+
+``--out`` is new, empty or (with ``overwrite``) an earlier export holding nothing else: files fedlora did
+not write are never touched. The export is written into a new hidden folder beside it and renamed into
+place; an earlier export is moved aside first and removed last, so a failed export leaves it whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +71,10 @@ FORMATS = ("peft", "merged")
 EXPORT_INFO = "fedlora_export.json"
 LABELS = "labels.json"
 ADAPTER_FILE = "adapter.safetensors"
+#: the ids generation needs (eos: the token training ended answers with; pad), as transformers reads them
+GENERATION = "generation_config.json"
+#: how training built an SFT prompt (format, template, special ids, end token)
+PROMPT = "prompt_template.json"
 _DELTA = "base_delta."
 
 
@@ -233,20 +248,110 @@ def _rounds_logged(run_dir: Path) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------- export
+#: what an export wrote besides its ``files`` before fedlora_export.json listed everything (``written``)
+_LEGACY_WRITTEN = (EXPORT_INFO, LABELS, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
+                   "chat_template.jinja", f"{BASE_MODEL}/")
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _tree(folder: Path, root: Path | None = None) -> list[str]:
+    """Every entry under ``folder``, relative to ``root`` (folders end in ``/``; links are not followed)."""
+    root = root or folder
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.relative_to(root).as_posix()
+        if entry.is_dir() and not entry.is_symlink():
+            entries += [f"{name}/", *_tree(entry, root)]
+        else:
+            entries.append(name)
+    return entries
+
+
+def _foreign(out: Path, info: dict) -> list[str]:
+    """The entries of an earlier export's folder that the export did not write (a folder it did not
+    write is named as a whole)."""
+    written = info.get("written")
+    legacy = not isinstance(written, list)
+    if legacy:  # an export from before `written`: its `files`, its tokenizer and base_model/ as a whole
+        files = info.get("files")
+        written = [*(files if isinstance(files, list) else []), *_LEGACY_WRITTEN]
+    written = set(map(str, written))
+    foreign = []
+
+    def walk(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            name = entry.relative_to(out).as_posix()
+            if not (entry.is_dir() and not entry.is_symlink()):
+                if name not in written:
+                    foreign.append(name)
+            elif f"{name}/" not in written:
+                foreign.append(f"{name}/")
+            elif not (legacy and name == BASE_MODEL):
+                walk(entry)
+
+    walk(out)
+    return foreign
+
+
 def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Refuses an ``--out`` that is not a new or empty folder, or (with ``overwrite``) a folder holding
+    an earlier export and nothing else: files fedlora did not write are never touched."""
+    if out.is_symlink():  # replacing it would replace the link, not what it points to
+        raise ValueError(f"--out {out} is a symbolic link; give the folder itself or another --out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder; choose another --out")
     resolved, run = out.resolve(), run_dir.resolve()
     if resolved == run or run in resolved.parents:
         raise ValueError(f"--out {out} is inside the run folder {run_dir}, which holds only what the run writes; "
                          "choose a folder outside it")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--out {out} is not empty; pass --overwrite to replace the export in it, or choose "
-                             "another --out")
-        if not (out / EXPORT_INFO).is_file():
-            raise ValueError(f"--out {out} holds files that are not a fedlora export (no {EXPORT_INFO}); not "
-                             "touching it, --overwrite or not: choose an empty or new --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    info = _read_json(out / EXPORT_INFO)
+    if info is None:
+        names = sorted(e.name for e in out.iterdir())
+        raise ValueError(f"--out {out} holds files that are not a fedlora export ({_listing(names)}; no "
+                         f"{EXPORT_INFO}); not touching it, --overwrite or not: choose an empty or new --out")
+    foreign = _foreign(out, info)
+    if foreign:
+        raise ValueError(f"--out {out} holds, besides an earlier export, files fedlora did not write "
+                         f"({_listing(foreign)}); not touching it, --overwrite or not: move them out or choose "
+                         "an empty or new --out")
+    if not overwrite:
+        raise ValueError(f"--out {out} is not empty: it holds an earlier export; pass --overwrite to replace it, "
+                         "or choose another --out")
+
+
+def _new_folder(parent: Path, stem: str) -> Path:
+    """A new empty folder ``parent/stem-N`` (never one that exists: nothing of anyone's is reused)."""
+    for n in itertools.count(os.getpid()):
+        folder = parent / f"{stem}-{n}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _put_in_place(temporary: Path, out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Renames the finished export to ``out``. An earlier export there is moved aside first and removed
+    only once the new one is in place, so a failure leaves it as it was."""
+    _check_out(out, run_dir, overwrite)  # again: files may have come while the model was written
+    old = None
+    if out.exists():
+        old = _new_folder(out.parent, f".{out.name}.replaced")
+        out.replace(old)  # onto the empty folder just made
+    try:
+        temporary.replace(out)
+    except BaseException:
+        if old is not None:
+            old.replace(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)  # only what the earlier export wrote (checked above)
 
 
 def _check_request(run_dir: Path, config: FedConfig, strategy: Strategy, fmt: str, client: int | None) -> None:
@@ -329,16 +434,13 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, client: int | 
         run = load_run(run_dir, device="cpu")  # exported files are CPU tensors
         model = run.global_model() if client is None else run.client_model(client)
         out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(f".{out.name}.export-tmp")
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir()
+        # a fresh hidden folder beside out: the rename into place stays on one file system
+        temporary = _new_folder(out.parent, f".{out.name}.export")
         try:
             info = _write(run, model, fmt, client, temporary, out)
+            info["written"] = [*_tree(temporary), EXPORT_INFO]  # what --overwrite may remove later
             (temporary / EXPORT_INFO).write_text(json.dumps(info, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            temporary.replace(out)
+            _put_in_place(temporary, out, run_dir, overwrite)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
@@ -350,10 +452,44 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, client: int | 
     return info
 
 
+def _generation(run: RunModels, model: nn.Module):
+    """The model's generation config with the ids training used (None for classification and for
+    synthetic-token runs): eos is the token that ended every training text (an SFT answer's end token:
+    the tokenizer's eos, else its separator), pad the tokenizer's, bos the one special id put before
+    each prompt (when there is one)."""
+    if run.config.task == "classification" or run.tokenizer is None:
+        return None
+    from transformers import GenerationConfig
+
+    from fedlora_ext.data.sft import end_token_id, leading_special_ids
+
+    ids = {"eos_token_id": end_token_id(run.tokenizer), "pad_token_id": run.tokenizer.pad_token_id}
+    lead = leading_special_ids(run.tokenizer)
+    if len(lead) == 1:
+        ids["bos_token_id"] = lead[0]
+    own = getattr(model, "generation_config", None)  # the base's sampling defaults stay
+    generation = copy.deepcopy(own) if own is not None else GenerationConfig()
+    generation.update(**ids)
+    generation._from_model_config = False  # ours, not derived from config.json: generate() keeps it as is
+    return generation
+
+
+def _sft_format(run: RunModels) -> str | None:
+    """The run's SFT format, from the note its data.json keeps ("<format> format; ..."); None if unknown."""
+    from fedlora_ext.data.sft import FORMATS, PACKAGED_INSTRUCTIONS
+
+    if run.config.dataset in PACKAGED_INSTRUCTIONS:
+        return "prompt_response"
+    notes = (_read_json(run.run_dir / "data.json") or {}).get("notes") or [""]
+    first = str(notes[0]).split(" ", 1)[0]
+    return first if first in FORMATS and str(notes[0]).startswith(f"{first} format") else None
+
+
 def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folder: Path, out: Path) -> dict:
     config = run.config
     notes = list(run.notes)
     base_source = run.base_source
+    generation = _generation(run, model)
     if fmt == "peft":
         final = base_source
         if base_source is None:  # an old tiny run: its rebuilt base goes into the export
@@ -368,6 +504,8 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
             (folder / "adapter_config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         base_source = final
         files = ["adapter_config.json", "adapter_model.safetensors"]
+        if generation is not None:  # the base's own may end on another token: pass this one to generate()
+            generation.save_pretrained(str(folder))
     else:
         dtype = base_dtype(run.bench.base_model)
         merged = model.merge_and_unload()
@@ -378,6 +516,10 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
             maps = label_maps(run.label_names)
             merged.config.id2label = {int(i): n for i, n in maps["id2label"].items()}
             merged.config.label2id = maps["label2id"]
+        if generation is not None:  # config.json and generation_config.json agree on the ids
+            for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                setattr(merged.config, key, getattr(generation, key))
+            merged.generation_config = generation
         merged.save_pretrained(str(folder))
         files = ["config.json", "model.safetensors"]
     if run.tokenizer is not None:
@@ -387,11 +529,20 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
     if run.label_names:
         (folder / LABELS).write_text(json.dumps(label_maps(run.label_names), indent=2))
         files.append(LABELS)
-    return {"format": fmt, "run": str(run.run_dir.resolve()), "method": config.method,
+    info = {"format": fmt, "run": str(run.run_dir.resolve()), "method": config.method,
             "model": "global" if client is None else f"client {client}", "client": client,
             "rounds_done": run.rounds_done, "task": config.task, "adapter": config.adapter,
-            "base_model_name_or_path": base_source, "tokenizer": run.tokenizer is not None, "files": files,
-            "notes": notes, "config": config.to_dict()}
+            "base_model_name_or_path": base_source, "tokenizer": run.tokenizer is not None, "files": files}
+    if generation is not None:
+        info["generation"] = {k: getattr(generation, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        files.append(GENERATION)
+    if config.task == "sft" and run.tokenizer is not None:
+        from fedlora_ext.data.sft import prompt_template
+
+        info["prompt_template"] = prompt_template(_sft_format(run), run.tokenizer, config.dataset)
+        (folder / PROMPT).write_text(json.dumps(info["prompt_template"], indent=2))
+        files.append(PROMPT)
+    return {**info, "notes": notes, "config": config.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -406,6 +557,7 @@ class Loaded:
     tokenizer: object | None
     config: FedConfig
     base: str  # a model name or folder for the seq_len check
+    run_dataset: str | None = None  # the dataset its run trained on (None: a model folder without a run)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -444,6 +596,30 @@ def _task_of(classifier: bool, wanted: str | None, what: str) -> str:
     return wanted or "causal_lm"
 
 
+def _is_decoder(model_config) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(model_config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _check_head(path: Path, model_config, wanted: str | None) -> None:
+    """Refuses a model folder without a sequence-classification head where it would be scored with a
+    random one: for task classification, and a bare encoder for anything (as a language model transformers
+    gives it a random LM head, so every call would print another loss)."""
+    decoder = _is_decoder(model_config)
+    if decoder and wanted != "classification":
+        return
+    architectures = list(getattr(model_config, "architectures", None) or [])
+    kind = "a causal LM" if decoder else "an encoder without a task head"
+    raise ValueError(f"model {str(path)!r} has no classification head (architectures {architectures}: {kind}), so "
+                     "it would be scored with a randomly initialised one; evaluate an export (`fedlora export RUN "
+                     "--out DIR`) or a run folder instead")
+
+
 def load_for_evaluation(path: str | Path, *, client: int | None = None, device: str = "auto",
                         changes: dict | None = None) -> Loaded:
     """A run folder (its global model, or client ``client``'s), a peft export (its base from
@@ -464,12 +640,15 @@ def load_for_evaluation(path: str | Path, *, client: int | None = None, device: 
         start = FedConfig.from_dict(info["config"]) if isinstance(info.get("config"), dict) else FedConfig()
         start = start.replace(out_dir=None, device=device)
         wanted = changes.get("task") or (start.task if info else None)
+        run_dataset = start.dataset if info.get("config") else None
         if is_peft:
-            return _load_peft(path, start, wanted, device)
+            return _load_peft(path, start, wanted, device, run_dataset)
         import transformers as tf
 
         model_config = tf.AutoConfig.from_pretrained(str(path))
         classifier = any(a.endswith("ForSequenceClassification") for a in model_config.architectures or ())
+        if not classifier:
+            _check_head(path, model_config, wanted)
         task = _task_of(classifier, wanted, f"model {str(path)!r}")
         model = build_model(str(path), task, getattr(model_config, "num_labels", 2), dtype=None)
         tokenizer = _folder_tokenizer(start, str(path))
@@ -478,7 +657,7 @@ def load_for_evaluation(path: str | Path, *, client: int | None = None, device: 
         model.to(resolve_device(device)).eval()
         names = _label_names(path) or _config_labels(model.config)
         return Loaded(model, "merged export" if info else "model folder", names, tokenizer,
-                      start.replace(task=task), str(path))
+                      start.replace(task=task), str(path), run_dataset)
     config = read_run_config(path)
     strategy = make_strategy(config)
     if "task" in changes and (changes["task"] == "classification") != (config.task == "classification"):
@@ -492,10 +671,10 @@ def load_for_evaluation(path: str | Path, *, client: int | None = None, device: 
 
     base = run.base_source or resolve_model(config.model)
     return Loaded(model, "run folder" if client is None else f"run folder, client {client}", run.label_names,
-                  run.tokenizer, run.config.replace(out_dir=None), base)
+                  run.tokenizer, run.config.replace(out_dir=None), base, config.dataset)
 
 
-def _load_peft(path: Path, start: FedConfig, wanted: str | None, device: str) -> Loaded:
+def _load_peft(path: Path, start: FedConfig, wanted: str | None, device: str, run_dataset: str | None) -> Loaded:
     import transformers as tf
     from peft import PeftConfig, PeftModel
 
@@ -520,14 +699,15 @@ def _load_peft(path: Path, start: FedConfig, wanted: str | None, device: str) ->
         model = PeftModel.from_pretrained(model, str(path))
     model.to(resolve_device(device)).eval()
     return Loaded(model, "peft export", names or _config_labels(model.config), tokenizer, start.replace(task=task),
-                  base)
+                  base, run_dataset)
 
 
-def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_labels: int | None):
-    """(tokenised rows, what they are): the dataset's own test split when it has one, else all its rows;
-    for ``synthetic`` the test set a run of ``config`` evaluates on. Class ids follow the model's labels."""
-    import datasets
-
+def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_labels: int | None, *,
+                    held_by: str | None = None):
+    """(tokenised rows, what they are, naming the dataset): its own test split when it has one; else, with
+    ``held_by`` (the run's own dataset: who held the rows out, "the run"), exactly the rows a run of
+    ``config`` holds out (its seeded ``eval_fraction`` split), else all its rows; for ``synthetic`` the test
+    set a run of ``config`` evaluates on. Class ids follow the model's labels."""
     from fedlora_ext.data.sft import load_sft, tokenize_sft
     from fedlora_ext.data.synthetic import synthetic_dataset
     from fedlora_ext.data.text import load_documents, load_text, tokenize
@@ -543,9 +723,10 @@ def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_la
         data = synthetic_dataset(task, n_test, config.seq_len, config.num_labels, config.seed + 1)
         return data, f"the synthetic test set ({n_test} examples, seed {config.seed + 1})"
     if tokenizer is None:
-        raise ValueError("the model has no tokenizer (its run trained on synthetic token ids, not text); evaluate it "
-                         "on --dataset synthetic")
-    common = {"seed": config.seed, "test_fraction": 0.5, "max_examples": config.max_examples,
+        raise ValueError(f"dataset {name!r} is text, but the model has no tokenizer (a run on synthetic token ids "
+                         "has none, nor has a folder without tokenizer files); evaluate it on --dataset synthetic")
+    # the run's own split settings, so that its held-out rows come out as the run drew them
+    common = {"seed": config.seed, "test_fraction": config.eval_fraction, "max_examples": config.max_examples,
               "encoding": config.encoding, "drop_invalid_rows": config.drop_invalid_rows}
     if task == "sft":
         text = load_sft(name, category_column=config.category_column, **common)
@@ -553,9 +734,7 @@ def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_la
         text = load_documents(name, text_column=config.text_column, **common)
     else:
         text = load_text(name, text_column=config.text_column, label_column=config.label_column, **common)
-    own = text.eval_split.startswith("the dataset's own")
-    rows = text.test if own else datasets.concatenate_datasets([text.train, text.test])
-    what = f"{text.eval_split} ({len(rows)} examples)" if own else f"all {len(rows)} examples (no test split)"
+    rows, what = _rows_to_score(text, name, config, held_by)
     if task == "classification":
         rows = _follow_labels(rows, text.label_names, label_names, num_labels, name)
     if task == "sft":
@@ -566,6 +745,20 @@ def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_la
             raise ValueError(f"dataset {name!r}: no example fits seq_len {config.seq_len}; raise it with --set seq_len=N")
         return data, what
     return tokenize(rows, tokenizer, config.seq_len, task), what
+
+
+def _rows_to_score(text, name: str, config: FedConfig, held_by: str | None):
+    """(rows, what they are) of loaded data: its own test split, the run's held-out rows, or all rows."""
+    import datasets
+
+    if text.eval_split.startswith("the dataset's own"):
+        return text.test, f"{text.eval_split} of {name!r} ({len(text.test)} examples)"
+    if held_by:
+        return text.test, (f"the {len(text.test)} rows {held_by} held out of {name!r} (eval_fraction "
+                           f"{config.eval_fraction}, seed {config.seed}; it has no test split)")
+    rows = datasets.concatenate_datasets([text.train, text.test])
+    kept = "" if config.max_examples is None else f" kept by max_examples {config.max_examples}"
+    return rows, f"all {len(rows)} rows of {name!r}{kept} (it has no test split)"
 
 
 def _follow_labels(rows, data_names: list[str], model_names: list[str], num_labels: int | None, name: str):
@@ -585,16 +778,48 @@ def _follow_labels(rows, data_names: list[str], model_names: list[str], num_labe
     return rows
 
 
-def evaluate_path(path: str | Path, dataset: str, *, changes: dict | None = None, client: int | None = None,
-                  device: str = "auto") -> dict:
-    """Loss and accuracy (SFT: loss, perplexity and, for short answers, exact match) of a merged export,
-    a peft export or a run folder's global model (client ``client``'s own with ``client``) on ``dataset``
-    (its own test split when it has one, else all of it; ``synthetic``: the test set a run with the same
-    settings evaluates on), tokenised as a run tokenises it. ``changes`` are FedConfig keys (``--set``)
-    over the run's (an export's run's) settings; returns the scores with ``line`` for the command line."""
+def _same_dataset(a: str, b: str) -> bool:
+    """The same name, or two paths to the same file or folder."""
+    if a == b:
+        return True
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def _run_dataset_here(dataset: str) -> str:
+    """The run's dataset as the default ``--dataset``, refused in one line when it is a relative path that
+    does not lead to it from here (the run read it from the folder it started in)."""
+    from fedlora_ext.data.sources import looks_like_path
+
+    path = Path(dataset).expanduser()
+    if looks_like_path(dataset) and not path.is_absolute() and not path.exists():
+        raise ValueError(f"the run's dataset {dataset!r} is a path relative to the folder the run started in, and "
+                         f"it is not in {Path.cwd()}; pass --dataset with its path from here")
+    return dataset
+
+
+def evaluate_path(path: str | Path, dataset: str | None = None, *, changes: dict | None = None,
+                  client: int | None = None, device: str = "auto") -> dict:
+    """Loss and accuracy (causal LM: loss and perplexity; SFT: also, for short answers, exact match) of
+    a merged export, a peft export or a run folder's global model (client ``client``'s own with
+    ``client``) on ``dataset`` (None: the run's own), tokenised as a run tokenises it: its own test split
+    when it has one; else, when it is the run's dataset, the rows the run held out, else all its rows;
+    ``synthetic``: the test set a run with the same settings evaluates on. ``changes`` are FedConfig keys
+    (``--set``) over the run's (an export's run's) settings; returns the scores with ``line`` for the
+    command line."""
     changes = dict(changes or {})
     with quiet_progress():
         loaded = load_for_evaluation(path, client=client, device=device, changes=changes)
+        if dataset is None:
+            if loaded.run_dataset is None:
+                raise ValueError(f"--dataset is needed: {path} is a {loaded.kind} without a run behind it (no "
+                                 f"{EXPORT_INFO}), so it has no dataset of its own")
+            dataset = _run_dataset_here(loaded.run_dataset)
+        held_by = None
+        if loaded.run_dataset is not None and _same_dataset(dataset, loaded.run_dataset):
+            moved = [k for k in ("seed", "eval_fraction", "max_examples")  # another split than the run's
+                     if k in changes and changes[k] != getattr(loaded.config, k)]
+            held_by = f"a run with --set {', '.join(moved)}" if moved else "the run"
         config = loaded.config.replace(**{**changes, "dataset": dataset, "out_dir": None})
         if dataset != "synthetic":
             check_seq_len(loaded.base, config.seq_len)
@@ -603,11 +828,59 @@ def evaluate_path(path: str | Path, dataset: str, *, changes: dict | None = None
                 raise ValueError(f"the tokenizer has {len(loaded.tokenizer)} tokens, the model's vocabulary {vocab}: "
                                  "they do not belong together")
         num_labels = getattr(loaded.model.config, "num_labels", None) if config.task == "classification" else None
-        data, what = evaluation_data(config, loaded.tokenizer, loaded.label_names, num_labels)
+        data, what = evaluation_data(config, loaded.tokenizer, loaded.label_names, num_labels, held_by=held_by)
         scores = evaluate(loaded.model, data, config.batch_size * 4)
-    keys = ("loss", "accuracy") if "perplexity" not in scores else ("loss", "perplexity", "exact_match")
+    keys = ("loss", "accuracy", "perplexity", "exact_match")
     result = {"model": str(path), "kind": loaded.kind, "dataset": dataset, "task": config.task, "split": what,
               "examples": len(data), "seq_len": config.seq_len, **{k: float(scores[k]) for k in keys if k in scores}}
     shown = ", ".join(f"{k} {result[k]:.4f}" for k in keys if k in result)
-    result["line"] = f"{shown} on {dataset!r}: {what} ({loaded.kind} {path})"
+    result["line"] = f"{shown} on {what} ({loaded.kind} {path})"
     return result
+
+
+#: marks a scores file `fedlora evaluate --json` wrote (the one file --overwrite may replace)
+WRITTEN_BY = "fedlora evaluate"
+_SCORE_KEYS = ("model", "kind", "dataset", "split", "examples")
+
+
+def check_json_out(path: str | Path, overwrite: bool) -> None:
+    """Refuses ``--json PATH`` before anything is scored: a folder, a file without ``overwrite``, or (with
+    it) a file that is not an earlier `fedlora evaluate --json` result: other files are never replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder; give a file name")
+    above = next(p for p in path.absolute().parents if p.exists())  # the folder it goes into, or a file
+    if not above.is_dir():
+        raise ValueError(f"--json {path}: {above} is a file, not a folder; choose another path")
+    if not (path.exists() or path.is_symlink()):
+        return
+    earlier = _read_json(path) if path.is_file() and not path.is_symlink() else None
+    ours = earlier is not None and (earlier.get("written_by") == WRITTEN_BY or set(_SCORE_KEYS) <= set(earlier))
+    if not ours:
+        raise ValueError(f"--json {path} exists and is not a scores file of `fedlora evaluate`; not touching it, "
+                         "--overwrite or not: choose another path")
+    if not overwrite:
+        raise ValueError(f"--json {path} exists (scores of an earlier `fedlora evaluate`); pass --overwrite to replace "
+                         "it, or choose another path")
+
+
+def write_json_scores(path: str | Path, result: dict, overwrite: bool) -> None:
+    """The scores as JSON at ``path``, through a new file beside it and a rename: a reader never sees half
+    a file, and nothing else is touched (checked again: a file may have come while the model was scored)."""
+    path = Path(path)
+    check_json_out(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({**result, "written_by": WRITTEN_BY}, indent=2) + "\n"
+    for n in itertools.count(os.getpid()):
+        temporary = path.with_name(f".{path.name}.{n}.tmp")
+        try:
+            with temporary.open("x") as file:  # exclusive: never an existing file
+                file.write(text)
+        except FileExistsError:
+            continue
+        break
+    try:
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import os
 import shlex
 import shutil
 import signal
@@ -29,6 +30,7 @@ from fedlora_ext.errors import RunError
 from fedlora_ext.federated import FedConfig
 from fedlora_ext.reporting import (
     accuracy_key,
+    examples_scored,
     markdown_table,
     plot_comparison,
     plot_run,
@@ -41,6 +43,7 @@ from fedlora_ext.run_folder import (
     new_run_folder,
     write_json_atomic,
 )
+from fedlora_ext.strategies import make_strategy, strategy_names
 
 MIB = 2**20
 
@@ -148,15 +151,14 @@ def where(bench) -> str:
 
 def round_line(metrics: dict, rounds: int, steps: int) -> str:
     parts = [f"round {metrics['round']}/{rounds}", f"clients {len(metrics['clients'])}", f"steps {steps}"]
-    key = "test_accuracy" if "test_accuracy" in metrics else "personal_accuracy"
-    if key in metrics:
-        parts.append(f"accuracy {metrics[key]:.3f}")
-    for who in ("test", "personal"):  # SFT: perplexity over response tokens, exact match of generation
-        if f"{who}_perplexity" in metrics:
-            parts.append(f"ppl {metrics[f'{who}_perplexity']:.2f}")
-            if f"{who}_exact_match" in metrics:
-                parts.append(f"exact match {metrics[f'{who}_exact_match']:.3f}")
-            break
+    who = "test" if any(k.startswith("test_") for k in metrics) else "personal"
+    for name, key, digits in (("accuracy", "accuracy", 3), ("ppl", "perplexity", 2), ("exact match", "exact_match", 3)):
+        if f"{who}_{key}" in metrics:  # language models: perplexity (over response tokens for SFT)
+            parts.append(f"{name} {metrics[f'{who}_{key}']:.{digits}f}")
+    finals = [(name, metrics[f"final_test_{key}"], digits) for name, key, digits in
+              (("accuracy", "accuracy", 3), ("ppl", "perplexity", 2)) if f"final_test_{key}" in metrics]
+    for name, value, digits in finals:  # the last round: the whole test split too
+        parts.append(f"(whole test split of {metrics['final_test_examples']}: {name} {value:.{digits}f})")
     if "epsilon_max" in metrics:
         parts.append(f"epsilon {metrics['epsilon_max']:.2f}")
     if "server_epsilon" in metrics:
@@ -379,6 +381,7 @@ def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: b
     board = None
     try:
         simulation = _start_run(config, resume, echo)
+        _pause_for_tests(simulation)
         record = True
         board = _board_for(out, tensorboard, resumed=resume is not None, echo=echo)
         summary = _finish_run(simulation, simulation.run(progress=progress, on_round=_on_round(
@@ -427,6 +430,26 @@ def _start_run(config: FedConfig | None, resume: str | Path | None, echo):
     return simulation
 
 
+# Test-only, not for users: FEDLORA_TEST_PAUSE_AFTER_ROUND=<round>:<path> makes `run`, once round <round> is
+# checkpointed (before the next round starts, where a real Ctrl-C finds a run between rounds), create <path>
+# and wait until a signal ends it (Ctrl-C is handled as always) or <path> is removed (the run goes on).
+def _pause_for_tests(simulation) -> None:
+    value = os.environ.get("FEDLORA_TEST_PAUSE_AFTER_ROUND")
+    if not value:
+        return
+    after, path = value.split(":", 1)
+    step = simulation.step
+
+    def step_after_pause(round_index: int, *args, **kwargs) -> dict:
+        if round_index == int(after):
+            Path(path).touch()
+            while Path(path).exists():
+                time.sleep(0.05)  # a signal's handler runs at once
+        return step(round_index, *args, **kwargs)
+
+    simulation.step = step_after_pause
+
+
 def _round_printer(simulation, echo):
     config, strategy = simulation.config, simulation.strategy
 
@@ -466,19 +489,33 @@ def _finish_run(simulation, result, started: float, echo) -> dict:
     plot_run(result.history, out / "plot.png", title=f"{config.method} on {config.dataset}")
     summary = summary_row(config.method, result.history)
     summary.update(run_folder=str(out), seconds_total=time.perf_counter() - started, chance=_chance(simulation),
-                   status="completed", rounds=len(result.history))
+                   status="completed", rounds=len(result.history), **examples_scored(result.history))
     write_json_atomic(out / "summary.json", summary)
-    chance = f", chance {summary['chance']:.2f}" if summary["chance"] else ""
-    eps = f"; epsilon spent <= {summary['epsilon']:.2f}" if summary["epsilon"] is not None else ""
-    echo(f"summary: final {summary['accuracy']} {summary['metric']} {summary['final']:.3f} (best {summary['best']:.3f}{chance}) "
-         f"after {config.rounds} rounds{eps}; {summary['MiB up']:.2f} MiB up, {summary['MiB down']:.2f} MiB down; "
-         f"{summary['seconds_total']:.0f} s")
+    echo(summary_line(summary, config.rounds))
     if result.privacy:
         echo(format_report(result.privacy))
     written = ["config.json", "data.json", "labels.json" if simulation.label_names else "", "metrics.jsonl",
+               "generations.jsonl" if (out / "generations.jsonl").exists() else "",
                "adapter.safetensors", "plot.png", "summary.json", "privacy.json" if result.privacy else ""]
     echo(f"run folder: {out} ({', '.join(name for name in written if name)})")
     return summary
+
+
+def summary_line(summary: dict, rounds: int) -> str:
+    """``summary: final test accuracy 0.812 on all 445 test examples (best round 0.836 on the 128 every round
+    saw, chance 0.20) after 5 rounds; ...``: the final score and the best round's, each on what it saw."""
+    digits = 2 if summary["metric"] == "perplexity" else 3
+    final = f"final {summary['accuracy']} {summary['metric']} {summary['final']:.{digits}f}"
+    best = f"best round {summary['best']:.{digits}f}"
+    if summary.get("final_examples") and summary["final_examples"] != summary.get("round_examples"):
+        final += f" on all {summary['final_examples']} test examples"
+        best += f" on the {summary['round_examples']} every round saw"
+    if "exact match" in summary:
+        final += f", exact match {summary['exact match']:.3f}"
+    chance = f", chance {summary['chance']:.2f}" if summary.get("chance") else ""
+    eps = f"; epsilon spent <= {summary['epsilon']:.2f}" if summary.get("epsilon") is not None else ""
+    return (f"summary: {final} ({best}{chance}) after {rounds} rounds{eps}; {summary['MiB up']:.2f} MiB up, "
+            f"{summary['MiB down']:.2f} MiB down; {summary['seconds_total']:.0f} s")
 
 
 def simulate_job(config: FedConfig, *, progress: bool = True, overwrite: bool = False,
@@ -573,30 +610,57 @@ def _compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str 
                  echo, overwrite: bool, tensorboard: bool) -> Path:
     if tensorboard:
         summary_writer_class()
+    runnable, skipped = check_variants(variant_list)  # before anything trains: a typo costs nothing
     out = Path(out_dir) if out_dir else new_run_folder("runs", "compare")
-    ran, skipped = [], []
+    ran, failed = [], []
     with claim(out, overwrite=overwrite, command="compare"):
         write_json_atomic(out / "compare.json", {"base": base.to_dict(), "variants": [v.name for v in variant_list]})
-        for variant in variant_list:
+        for name, reason in skipped:
+            echo(f"not run {name}: {reason}")
+        for variant in runnable:
             echo(f"run {variant.name} ...")
             try:
                 summary = run_job(variant.config.replace(out_dir=str(out / variant.name)), progress=progress,
                                   echo=lambda line: None, tensorboard=tensorboard)  # its lines: the log only
-            except (ValueError, RunError) as error:  # e.g. heterogeneous ranks for a one-rank method
-                skipped.append((variant.name, str(error)))
-                echo(f"    not run: {error}")
+            except (ValueError, RunError) as error:  # the run failed: listed, and the comparison fails
+                failed.append((variant.name, str(error)))
+                echo(f"    failed: {error}")
                 continue
             except KeyboardInterrupt:
                 raise JobInterrupted(f"interrupted during variant {variant.name} ({len(ran)} of {len(variant_list)} "
                                      f"finished in {out}); run the comparison again with --overwrite") from None
             ran.append(variant.name)
             echo(f"    final {summary['accuracy']} {summary['metric']} {summary['final']:.3f}, best {summary['best']:.3f}")
-        path = write_compare_report(base, out, ran, skipped)
+        path = write_compare_report(base, out, ran, skipped, failed)
     echo(f"wrote {path}")
+    if failed:
+        raise RunError(f"{len(failed)} of {len(runnable)} variants failed ({', '.join(n for n, _ in failed)}): "
+                       f"{failed[0][1]}; see {path}")
     return path
 
 
-def write_compare_report(base: FedConfig, out: Path, names: Sequence[str], skipped: Sequence[tuple[str, str]]) -> Path:
+def check_variants(variant_list: Sequence[Variant]) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """The variants that can run, and (name, reason) of those a method cannot take (e.g. heterogeneous
+    ranks for a one-rank method), decided before any trains. An unknown method is a mistake, not a
+    variant: ValueError."""
+    runnable, skipped = [], []
+    known = strategy_names()
+    for variant in variant_list:
+        if variant.config.method not in known:
+            raise ValueError(f"--methods: unknown method {variant.config.method!r}; known methods: {known}")
+        try:
+            make_strategy(variant.config)
+        except ValueError as error:
+            skipped.append((variant.name, str(error)))
+            continue
+        runnable.append(variant)
+    if not runnable:
+        raise ValueError(f"no variant can run: {'; '.join(f'{name}: {reason}' for name, reason in skipped)}")
+    return runnable, skipped
+
+
+def write_compare_report(base: FedConfig, out: Path, names: Sequence[str], skipped: Sequence[tuple[str, str]],
+                         failed: Sequence[tuple[str, str]] = ()) -> Path:
     """``results.md`` (table and plots), ``results.json`` and the PNGs, from the variants' run folders."""
     histories = {name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
                  for name in names}
@@ -605,11 +669,13 @@ def write_compare_report(base: FedConfig, out: Path, names: Sequence[str], skipp
         plot_comparison(histories, out)
     text = ["# fedlora compare", "", f"Base configuration: `{json.dumps(base.to_dict())}`", "", markdown_table(rows)]
     if skipped:
-        text += ["", "Not run:", *[f"- {name}: {reason}" for name, reason in skipped]]
+        text += ["", "Not run (the method cannot take the variant):", *[f"- {name}: {reason}" for name, reason in skipped]]
+    if failed:
+        text += ["", "Failed:", *[f"- {name}: {reason}" for name, reason in failed]]
     plots = [p for p in ("accuracy.png", "final_accuracy.png", "bytes.png", "epsilon.png") if (out / p).exists()]
     text += ["", *[f"![{p}]({p})" for p in plots]]
     (out / "results.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "skipped": list(skipped),
+    (out / "results.json").write_text(json.dumps({"rows": rows, "skipped": list(skipped), "failed": list(failed),
                                                   "accuracy_key": {n: accuracy_key(h) for n, h in histories.items()}},
                                                  indent=2))
     return out / "results.md"

@@ -16,15 +16,14 @@ def _pyplot():
     return plt
 
 
-#: headline metrics, first present wins: accuracy (classification, causal LM), exact match of generation
-#: (SFT with short references), perplexity (SFT with long ones); the server's model before clients' own
-HEADLINES = ("test_accuracy", "test_exact_match", "personal_accuracy", "personal_exact_match", "test_perplexity",
-             "personal_perplexity")
+#: headline metrics, first present wins: accuracy (classification), perplexity (causal LM and SFT, whose
+#: exact match stays near 0 long after perplexity moves); the server's model before clients' own
+HEADLINES = ("test_accuracy", "personal_accuracy", "test_perplexity", "personal_perplexity")
 
 
 def accuracy_key(history: Sequence[Mapping]) -> str:
     """The run's headline metric: ``test_accuracy`` for methods with a global model, ``personal_accuracy``
-    otherwise (FedSA); for SFT exact match, or perplexity when references are too long to match."""
+    otherwise (FedSA); a language model's (causal LM, SFT) perplexity."""
     return next((k for k in HEADLINES if any(k in row for row in history)), "test_accuracy")
 
 
@@ -57,7 +56,13 @@ def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> P
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     key = accuracy_key(history)
     rounds, acc = _series(history, key)
-    ax.plot(rounds, acc, marker="o", color="tab:blue", label=key.replace("_", " "))
+    examples = next((row["test_examples"] for row in history if key.startswith("test_") and "test_examples" in row), None)
+    ax.plot(rounds, acc, marker="o", color="tab:blue",
+            label=key.replace("_", " ") + (f" ({examples} fixed examples)" if examples else ""))
+    whole = [(row["round"], row[f"final_{key}"], row["final_test_examples"]) for row in history if f"final_{key}" in row]
+    for r, value, n in whole:  # the whole test split, scored once at the end: apart from the rounds' line
+        ax.plot([r], [value], marker="*", markersize=12, linestyle="none", color="tab:green",
+                label=f"{metric_name(key)} on the whole test split ({n})")
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     _label_axis(ax, key, acc)
@@ -69,6 +74,8 @@ def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> P
         right.set_ylabel("epsilon spent", color="tab:red")
         right.set_ylim(0, max(eps) * 1.1 if math.isfinite(max(eps)) and max(eps) > 0 else 1)
     ax.set_title(title or "federated run")
+    if whole:
+        ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -136,10 +143,13 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
 
 
 def summary_row(name: str, history: Sequence[Mapping]) -> dict:
-    """One line of a comparison: final and best headline metric (accuracy; SFT exact match or
-    perplexity, of which best is the lowest), bytes, epsilon, seconds."""
+    """One line of a comparison: the final headline metric (accuracy, or perplexity; on the whole test
+    split when the rounds were scored on a fixed subset: ``final_<key>``), the best round's (on the
+    rounds' own examples, so every round compares like with like; the lowest perplexity), an SFT run's
+    exact match, bytes, epsilon, seconds."""
     key = accuracy_key(history)
     acc = _series(history, key)[1]
+    last = history[-1] if history else {}
     if key.startswith("personal_"):  # rounds that scored only their participants are not comparable
         acc = _series([row for row in history if row.get("personal_scope", "all") == "all"], key)[1] or acc
     best = max if higher_is_better(key) else min
@@ -149,14 +159,33 @@ def summary_row(name: str, history: Sequence[Mapping]) -> dict:
         "variant": name,
         "accuracy": key.split("_", 1)[0],  # test (the server's model) or personal (clients' own)
         "metric": metric_name(key),
-        "final": acc[-1] if acc else float("nan"),
+        "final": last.get(f"final_{key}", acc[-1] if acc else float("nan")),
         "best": best(acc) if acc else float("nan"),
+        **_exact_match(key, history),
         "personal": personal[-1] if personal else None,
         "MiB up": sum(row["bytes_up"] for row in history) / 2**20,
         "MiB down": sum(row["bytes_down"] for row in history) / 2**20,
         "epsilon": eps[-1] if eps else None,
         "seconds": sum(row["seconds"] for row in history),
     }
+
+
+def examples_scored(history: list[dict]) -> dict:
+    """How many test examples the rounds were scored on (``round_examples``, the same every round) and
+    the final score (``final_examples``: the whole split after the last round)."""
+    last = history[-1] if history else {}
+    if "test_examples" not in last:
+        return {}
+    return {"round_examples": last["test_examples"], "final_examples": last.get("final_test_examples", last["test_examples"])}
+
+
+def _exact_match(key: str, history: Sequence[Mapping]) -> dict:
+    """``{"exact match": final}`` for an SFT run with short answers, else nothing."""
+    exact = key.split("_", 1)[0] + "_exact_match"
+    values = _series(history, exact)[1]
+    if not values:
+        return {}
+    return {"exact match": history[-1].get(f"final_{exact}", values[-1])}
 
 
 def markdown_table(rows: Sequence[Mapping]) -> str:

@@ -39,7 +39,7 @@ MARKERS = ("config.json", "metrics.jsonl", "checkpoint.json", "summary.json", "a
 # everything else fedlora writes into a run folder (patterns), and its folders: a new artefact must be
 # listed here (or in MARKERS), else --overwrite refuses the folder as holding files fedlora did not write
 OTHER_FILES = ("plot.png", "accuracy.png", "final_accuracy.png", "bytes.png", "epsilon.png", "labels.json",
-               "data.json", "checkpoint-*.safetensors", "run.log", LOCK)  # run.log: `--log-file RUN_DIR/run.log`
+               "data.json", "checkpoint-*.safetensors", "generations.jsonl", "run.log", LOCK)  # run.log: `--log-file RUN_DIR/run.log`
 # base_model/: a tiny model's base (`fedlora export` starts from it), written through .base_model.tmp/
 FOLDERS = ("keys", "cache", "tensorboard", "base_model", ".base_model.tmp")
 _COMPARE = ("results.md", "results.json", "compare.json")

@@ -207,3 +207,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- a user's files ---------------------------------------------------------------------------------
+def tree_hashes(folder) -> dict[str, str]:
+    """Every entry under ``folder`` by its relative path: a file's SHA-256, a link's target, ``"folder"``
+    for a folder (so an emptied or removed folder shows too). Tests compare it before and after a command
+    to check that files the command did not write are left exactly as they were."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    root = Path(folder)
+    hashes = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            hashes[name] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            hashes[name] = "folder"
+        else:
+            hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes

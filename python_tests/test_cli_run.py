@@ -60,11 +60,54 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
     assert len(json.loads((out / "results.json").read_text())["rows"]) == 4
 
 
-def test_compare_lists_variants_a_method_cannot_take(tmp_path):
+def test_compare_lists_variants_a_method_cannot_take(tmp_path, capsys):
     out = tmp_path / "cmp"
+    assert main(["compare", *TINY_RUN, "--methods", "ffa_lora", "--dp", "off", "--ranks", "homogeneous",
+                 "heterogeneous", "--client-ranks", "8", "4", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    # decided before anything trains: the refusal comes first
+    assert printed.index("not run ffa_lora-nodp-a0.5-het") < printed.index("run ffa_lora-nodp-a0.5 ...")
+    results = (out / "results.md").read_text()
+    assert "Not run (the method cannot take the variant):\n- ffa_lora-nodp-a0.5-het" in results
+    assert "| ffa_lora-nodp-a0.5 |" in results
+    # a comparison none of whose variants can run is a mistake, before any folder is made
     assert main(["compare", *TINY_RUN, "--methods", "ffa_lora", "--dp", "off", "--ranks", "heterogeneous",
-                 "--client-ranks", "8", "4", "2", "--out", str(out)]) == 0
-    assert "Not run:" in (out / "results.md").read_text()
+                 "--client-ranks", "8", "4", "2", "--out", str(tmp_path / "none")]) == 2
+    assert "no variant can run" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+DIVERGING = ["--model", "tiny-bert", "--dataset", "synthetic", "--method", "fedit", "--no-dp", "--clients", "2",
+             "--rounds", "2", "--lr", "1e30", "--set", "optimizer=sgd", "--quiet"]
+
+
+def test_a_run_in_which_no_round_produced_a_model_fails(tmp_path, capsys):
+    """Every update is rejected as non-finite, every round skipped: the model is the untrained one, and
+    the run says so and exits non-zero instead of calling it completed."""
+    out = tmp_path / "run"
+    assert main(["run", *DIVERGING, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fedlora: error: no round produced a model: all 2 rounds were skipped"), error
+    assert "non-finite" in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "no round produced a model" in summary["error"]
+    assert main(["status", str(out)]) == 0
+    assert "failed after round 2: RunError: no round produced a model" in capsys.readouterr().out
+
+
+def test_compare_checks_every_variant_before_training_any(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY_RUN, "--methods", "fedit", "fedavg", "--out", str(out)]) == 2
+    assert "--methods: unknown method 'fedavg'" in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_compare_fails_when_a_variant_fails(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *DIVERGING, "--methods", "fedit", "--dp", "off", "--vary", "lr=[0.005, 1e30]",
+                 "--out", str(out)]) == 2
+    assert "1 of 2 variants failed (fedit-nodp-a0.5-lr1e+30)" in capsys.readouterr().err
+    results = (out / "results.md").read_text()
+    assert "| fedit-nodp-a0.5-lr0.005 |" in results and "Failed:\n- fedit-nodp-a0.5-lr1e+30: no round produced" in results
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedtools import one_thread  # noqa: F401 (autouse: one intra-op thread on the shared cores)
 
 from fedlora_ext.data.synthetic import synthetic_dataset
 from fedlora_ext.export import EXPORT_INFO, evaluate_path, export_run, load_run
@@ -274,7 +275,7 @@ def test_flower_run_saves_its_base_and_exports(tmp_path):
     assert max_diff(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), data), reference) <= EXACT
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scores = evaluate_path(tmp_path / "merged", "synthetic", device="cpu")
-    assert scores["accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1e-12)
+    assert scores["loss"] == pytest.approx(history[-1]["test_loss"], abs=EXACT)  # a causal LM: no accuracy
 
 
 def test_loaded_run_matches_the_simulation(bert_synthetic):
@@ -282,6 +283,104 @@ def test_loaded_run_matches_the_simulation(bert_synthetic):
     loaded = load_run(folder)
     assert loaded.rounds_done == sim.config.rounds
     assert max_diff(logits(loaded.global_model(), sim.test_data), logits(sim.global_model(), sim.test_data)) == 0.0
+
+
+# ---- SFT exports stop where training ended the answers ----------------------------------------------------
+WORDS = ["red", "blue", "green", "cat", "dog", "sun"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A tiny Llama SFT run on prompt/response rows read with the packaged MiniLM tokenizer, which has no
+    eos token: training ends every answer with its separator [SEP], not the tiny config's eos id 1."""
+    folder = tmp_path_factory.mktemp("sft")
+    data = folder / "words.jsonl"
+    rows = [{"prompt": f"Repeat the word: {WORDS[i % 6]}.", "response": WORDS[i % 6]} for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    sim = run(folder / "run", model="tiny-llama", task="sft", dataset=str(data), num_clients=2, rounds=1,
+              local_steps=1, batch_size=8, seq_len=24)
+    return sim, folder / "run"
+
+
+def training_end_tokens(sim) -> set[int]:
+    """The token each held-out answer ends with, as the run tokenised it."""
+    rows = sim.test_data[:]
+    return {int(ids[n + r - 1]) for ids, n, r in zip(rows["input_ids"], rows["prompt_len"], rows["response_len"])}
+
+
+def force_end_at(step: int, end: int, prompt_len: int):
+    """A logits processor that makes greedy decoding produce ``end`` at generation step ``step``."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceEnd(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] - prompt_len == step:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, end] = 0.0
+            return scores
+
+    return LogitsProcessorList([ForceEnd()])
+
+
+@pytest.mark.parametrize("fmt", ["merged", "peft"])
+def test_sft_export_generates_until_the_end_token_training_used(sft_run, fmt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    sim, folder = sft_run
+    (end,) = training_end_tokens(sim)
+    assert end != 1  # the tiny config's own eos: the export must not keep it
+    out = tmp_path / fmt
+    export_run(folder, fmt, out)
+    generation = GenerationConfig.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert end == tokenizer.sep_token_id
+    assert generation.eos_token_id == end and generation.pad_token_id == tokenizer.pad_token_id
+    assert json.loads((out / EXPORT_INFO).read_text())["generation"]["eos_token_id"] == end
+    if fmt == "merged":  # config.json agrees, and generate() reads generation_config.json by itself
+        model, extra = AutoModelForCausalLM.from_pretrained(out), {}
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["eos_token_id"] == end and saved["pad_token_id"] == tokenizer.pad_token_id
+        assert model.generation_config.eos_token_id == end
+    else:  # an adapter's base keeps its own config: the export's generation config is passed
+        model, extra = load_peft(out, AutoModelForCausalLM), {"generation_config": generation}
+    model.eval()
+    row = sim.test_data[0]
+    prompt = row["input_ids"][: int(row["prompt_len"])].unsqueeze(0)
+    with torch.no_grad():
+        out_ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                 do_sample=False, logits_processor=force_end_at(2, end, prompt.shape[1]), **extra)
+        new = out_ids[0, prompt.shape[1]:].tolist()
+        assert len(new) == 3 and new[-1] == end  # stops at the end token
+        control = GenerationConfig.from_dict({**generation.to_dict(), "eos_token_id": 1})  # the old config's eos
+        kept = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                              do_sample=False, logits_processor=force_end_at(2, end, prompt.shape[1]),
+                              generation_config=control)
+    assert kept.shape[1] - prompt.shape[1] > 3  # without it, generation runs on past the answer
+
+
+def test_sft_export_keeps_the_prompt_template(sft_run, tmp_path):
+    """prompt_template.json rebuilds the prompt ids the run trained on, and says how answers end."""
+    from transformers import AutoTokenizer
+
+    from fedlora_ext.data.sft import load_sft
+
+    sim, folder = sft_run
+    export_run(folder, "merged", tmp_path / "merged")
+    template = json.loads((tmp_path / "merged" / "prompt_template.json").read_text())
+    info = json.loads((tmp_path / "merged" / EXPORT_INFO).read_text())
+    assert info["prompt_template"] == template and template["format"] == "prompt_response"
+    assert "prompt_template.json" in info["written"] and "generation_config.json" in info["written"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    config = sim.config
+    rows = load_sft(config.dataset, seed=config.seed, test_fraction=config.eval_fraction).test
+    for k in range(3):
+        text = template["templates"]["prompt_response"]["prompt"].format(prompt=rows[k]["prompt"])
+        prompt = template["prefix_ids"] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(rows[k]["response"], add_special_tokens=False)["input_ids"] + [template["end_token_id"]]
+        trained = sim.test_data[k]
+        n, r = int(trained["prompt_len"]), int(trained["response_len"])
+        assert trained["input_ids"][:n].tolist() == prompt
+        assert trained["input_ids"][n:n + r].tolist() == answer
 
 
 # ---- the command line --------------------------------------------------------------------------------------
@@ -321,7 +420,7 @@ def test_cli_bad_input_is_one_line(bert_synthetic, tmp_path):
         (("export", fedsa, "--format", "merged", "--out", "x", "--client", "7"), ("out of range", "0..2")),
         (("export", fedsa, "--format", "merged", "--out", "x"), ("--client K",)),
         (("export", folder, "--format", "merged", "--out", "x", "--client", "0"), ("global model", "leave out --client")),
-        (("export", folder, "--format", "merged", "--out", "full"), ("not empty", "--overwrite")),
+        (("export", folder, "--format", "merged", "--out", "full"), ("not a fedlora export", "notes.txt")),
         (("export", folder, "--format", "merged", "--out", "full", "--overwrite"), ("not a fedlora export",)),
         (("export", folder, "--format", "merged", "--out", "again"), ("not empty", "--overwrite")),
         (("evaluate", tmp_path / "full", "--dataset", "synthetic"), ("not a run folder",)),

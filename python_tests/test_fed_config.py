@@ -181,3 +181,22 @@ def test_wrong_types_are_named(changes, match):
 def test_ints_are_accepted_for_floats():
     config = FedConfig(lr=1, alpha=8)
     assert config.lr == 1.0 and isinstance(config.lr, float) and isinstance(config.alpha, float)
+
+
+def test_cosine_lr_schedule_sets_each_rounds_client_lr(monkeypatch):
+    config = small_config("fedit", rounds=4, local_steps=1, lr=0.2, lr_schedule="cosine")
+    assert [config.round_lr(t) for t in range(4)] == pytest.approx([0.2, 0.1707107, 0.1, 0.0292893])
+    assert config.replace(lr_schedule="constant").round_lr(3) == 0.2
+    seen = []
+    original = client_module.LocalTrainer.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.lr)
+
+    monkeypatch.setattr(client_module.LocalTrainer, "__init__", record)
+    Simulation(config).run(progress=False)
+    per_round = [seen[i:i + config.num_clients] for i in range(0, len(seen), config.num_clients)]
+    assert per_round == [[config.round_lr(t)] * config.num_clients for t in range(4)]
+    with pytest.raises(ValueError, match="lr_schedule must be one of constant, cosine, got 'linear'"):
+        FedConfig(lr_schedule="linear")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -46,11 +47,17 @@ def test_end_to_end(method, setting, tmp_path):
     assert [h["round"] for h in result.history] == list(range(1, ROUNDS + 1))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == result.history
-    accuracy = "personal_accuracy" if method in ("fedsa_lora", "fedsa_rslora", "fedsa_vera", "standalone") \
-        else "test_accuracy"
+    who = "personal" if method in ("fedsa_lora", "fedsa_rslora", "fedsa_vera", "standalone") else "test"
     for h in result.history:
         assert h["train_loss"] > 0 and h["seconds"] > 0
-        assert 0.0 <= h[accuracy] <= 1.0
+        if task == "classification":
+            assert 0.0 <= h[f"{who}_accuracy"] <= 1.0
+        else:  # a language model is scored by perplexity per token, and reports no accuracy
+            if who == "test":
+                assert h["test_perplexity"] == pytest.approx(math.exp(h["test_loss"]), rel=1e-6)
+            else:  # the clients' mean perplexity: at least exp of their mean loss (Jensen)
+                assert h["personal_perplexity"] >= math.exp(h["personal_loss"]) * (1 - 1e-6)
+            assert f"{who}_accuracy" not in h
         assert h["bytes_up"] >= 0 and h["bytes_down"] >= 0
         if method == "standalone":
             assert h["bytes_up"] == h["bytes_down"] == 0  # nothing is sent

@@ -123,11 +123,30 @@ def test_generation_exact_match_rises_on_a_task_a_tiny_model_learns(yes_file):
                         lr=0.03, target_modules=("q_proj", "v_proj", "lm_head"))
     torch.manual_seed(0)
     before = evaluate(sft_model(config)[1], build_task(config).test)
-    history = simulate(config, progress=False).history
+    torch.manual_seed(config.seed)
+    sim = Simulation(config)
+    history = sim.run(progress=False).history
     assert before["exact_match"] == 0.0
     assert history[-1]["test_exact_match"] == 1.0, history
     assert history[-1]["test_perplexity"] < 1.5 < before["perplexity"]
     assert "test_accuracy" not in history[-1]
+
+    # exact match is plain greedy decoding: edit the trained model so that its first choice after the
+    # prompt is the end token; its greedy answer is then empty, and nothing may credit its second choice
+    model, test = sim.global_model(), sim.test_data
+    end = int(test[0]["input_ids"][test[0]["prompt_len"] + test[0]["response_len"] - 1])
+
+    def end_first(module, args, kwargs, out):
+        if kwargs["input_ids"].shape[1] > 1:  # the prompt's pass (later steps feed one token to the cache)
+            out.logits[:, -1, end] = out.logits.max() + 100.0  # its last position picks the first new token
+        return out
+
+    handle = model.get_base_model().register_forward_hook(end_first, with_kwargs=True)
+    try:
+        assert evaluate(model, test)["exact_match"] == 0.0
+    finally:
+        handle.remove()
+    assert evaluate(model, test)["exact_match"] == 1.0
 
 
 SFT_EXTRAS = {"fedprox": {"fedprox_mu": 0.1}, "fedsa_rslora": {"rslora": True}, "fedsa_vera": {"adapter": "vera"},
@@ -217,6 +236,14 @@ def test_cli_sft_run_prints_perplexity_and_exact_match(data_file, tmp_path):
     assert "note: prompt_response format; categories: colour, thing" in done.stdout
     assert "ppl " in done.stdout and "exact match " in done.stdout and "chance" not in done.stdout
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["metric"] == "exact match" and summary["chance"] is None
+    # perplexity is what moves; exact match rides along
+    assert summary["metric"] == "perplexity" and summary["chance"] is None and 0 <= summary["exact match"] <= 1
+    assert summary["final"] > 1 and "final test perplexity" in done.stdout
     metrics = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"test_loss", "test_perplexity", "test_exact_match"} <= set(metrics)
+    assert {"test_loss", "test_perplexity", "test_exact_match"} <= set(metrics) and "generations" not in metrics
+    samples = [json.loads(line) for line in (tmp_path / "r" / "generations.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {s["round"] for s in samples} == {1}
+    assert all(set(s) == {"round", "prompt", "reference", "output"} and s["prompt"] and s["reference"] for s in samples)
+    status = subprocess.run([sys.executable, "-m", "fedlora_ext", "status", str(tmp_path / "r")], capture_output=True,
+                            text=True, timeout=120)
+    assert "final test perplexity" in status.stdout, status.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import tomllib
 
 TASKS = ("classification", "causal_lm", "sft")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULES = ("constant", "cosine")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 #: a target epsilon above this is accepted with a :class:`MeaninglessEpsilonWarning`
@@ -68,6 +70,9 @@ class FedConfig:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
         num_clients, participation (fraction sampled per round, seeded), rounds, local_steps,
         batch_size, lr, optimizer (``adamw`` or ``sgd``), fedprox_mu (> 0 adds FedProx's proximal term).
+        lr_schedule: the clients' learning rate over the rounds: ``constant`` (``lr`` every round) or
+            ``cosine`` (``lr * (1 + cos(pi * t / rounds)) / 2`` in round t = 0, 1, ...: large steps first,
+            small ones last, so the noise of the last rounds' DP steps moves the final model least).
     Reliability:
         min_clients: the fewest valid replies a round may aggregate; with fewer, the simulator retries
             the round with a new sample ``round_retries`` times, then skips it (Flower stops the run).
@@ -135,6 +140,7 @@ class FedConfig:
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-3
+    lr_schedule: str = "constant"
     optimizer: str = "adamw"
     fedprox_mu: float = 0.0
     dirichlet_alpha: float | None = 0.5
@@ -179,6 +185,12 @@ class FedConfig:
     seed: int = 0
     out_dir: str | None = None
 
+    def round_lr(self, round_index: int) -> float:
+        """The clients' learning rate in round ``round_index`` (0-based) under ``lr_schedule``."""
+        if self.lr_schedule == "cosine":
+            return self.lr * (1 + math.cos(math.pi * round_index / self.rounds)) / 2
+        return self.lr
+
     def __post_init__(self) -> None:
         if self.dirichlet_alpha is not None and not isinstance(self.dirichlet_alpha, (int, float)):
             raise ValueError(f"FedConfig: dirichlet_alpha must be a number > 0 or None (TOML: \"iid\"), "
@@ -202,6 +214,8 @@ class FedConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
             (self.fedprox_mu >= 0, f"fedprox_mu must be >= 0, got {self.fedprox_mu}"),
             (self.dirichlet_alpha is None or self.dirichlet_alpha > 0,
              f"dirichlet_alpha must be > 0 (or None for IID), got {self.dirichlet_alpha}"),

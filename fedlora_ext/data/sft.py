@@ -396,6 +396,39 @@ def render_prompt(record_or_prompt, tokenizer, format: str) -> str:
     raise ValueError(f"format {format!r} is not an SFT format; expected one of {', '.join(FORMATS)}")
 
 
+#: every format's template strings (:func:`render_prompt` fills them)
+TEMPLATES = {
+    "chat": {"message": CHAT_MESSAGE_TEMPLATE, "generation_prompt": CHAT_GENERATION_PROMPT},
+    "alpaca": {"with_input": ALPACA_TEMPLATE, "without_input": ALPACA_NO_INPUT_TEMPLATE},
+    "prompt_response": {"prompt": INSTRUCTION_TEMPLATE},
+    "question_answer": {"prompt": INSTRUCTION_TEMPLATE},
+}
+
+
+def prompt_template(format: str | None, tokenizer, dataset: str | None = None) -> dict:
+    """How :func:`tokenize_sft` built each training example, for whoever prompts the trained model: the
+    format's template (every format's when ``format`` is None), the packaged corpus's instruction, the
+    special ids put before the prompt text and the end token after each response."""
+    lead = leading_special_ids(tokenizer)
+    end = end_token_id(tokenizer)
+    chat = format in (None, "chat") and bool(getattr(tokenizer, "chat_template", None))
+    described = {
+        "format": format,
+        "templates": dict(TEMPLATES) if format is None else {format: TEMPLATES[format]},
+        "chat_uses_tokenizer_template": chat,  # then apply_chat_template(add_generation_prompt=True)
+        "prefix_ids": lead,
+        "prefix_tokens": tokenizer.convert_ids_to_tokens(lead),
+        "end_token_id": end,
+        "end_token": tokenizer.convert_ids_to_tokens(end),
+        "tokenize": "input_ids = prefix_ids + tokenizer(prompt_text, add_special_tokens=False).input_ids (a chat "
+                    "template's text that starts with the BOS token: that BOS instead of prefix_ids); the model "
+                    "then answers and ends with end_token",
+    }
+    if dataset in PACKAGED_INSTRUCTIONS:  # the packaged corpora: prompt = instruction, blank line, text
+        described["prompt"] = PACKAGED_INSTRUCTIONS[dataset] + "\n\n{text}"
+    return described
+
+
 # -------------------------------------------------------------------------------------------- tokenising
 
 
@@ -413,7 +446,7 @@ def end_token_id(tokenizer) -> int:
                      "eos_token or sep_token; SFT ends every response with one (set tokenizer.eos_token)")
 
 
-def _leading_special_ids(tokenizer) -> list[int]:
+def leading_special_ids(tokenizer) -> list[int]:
     """The special ids the tokenizer puts before a text (a BOS, or BERT's ``[CLS]``; none for GPT-2)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -455,7 +488,7 @@ def tokenize_sft(data, tokenizer, seq_len: int, cache_file: str | Path | None = 
                          "load_sft's SFTData (prompt, response, category, format)")
     end = end_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
-    lead = _leading_special_ids(tokenizer)
+    lead = leading_special_ids(tokenizer)
     bos_text = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
     chars = seq_len * 16
 

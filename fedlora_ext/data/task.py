@@ -51,6 +51,7 @@ class Task:
     notes: tuple[str, ...] = ()
     fingerprint: str = ""
     categories: list[str] | None = None  # SFT: the category names clients are partitioned over (None: not SFT)
+    tokenizer: object | None = None  # None for synthetic token ids
 
 
 def build_task(config) -> Task:
@@ -94,7 +95,7 @@ def build_task(config) -> Task:
                                                  task=config.task))
     train = tokenize(train_data, tokenizer, config.seq_len, config.task, cache and cache[0])
     test = tokenize(test_data, tokenizer, config.seq_len, config.task, cache and cache[1])
-    return Task(train, test, model, label_names, text.eval_split, tuple(notes), content)
+    return Task(train, test, model, label_names, text.eval_split, tuple(notes), content, tokenizer=tokenizer)
 
 
 def _sft_task(config, model_name: str) -> Task:
@@ -123,7 +124,8 @@ def _sft_task(config, model_name: str) -> Task:
         if not len(rows):
             raise ValueError(f"dataset {config.dataset!r}: no {split} example fits seq_len {config.seq_len} (every "
                              f"response is longer); raise seq_len")
-    return Task(train, test, model, [], data.eval_split, tuple(notes), content, categories=data.category_names)
+    return Task(train, test, model, [], data.eval_split, tuple(notes), content, categories=data.category_names,
+                tokenizer=tokenizer)
 
 
 def load_tokenizer(config, model_name: str):

@@ -147,8 +147,9 @@ class LocalTrainer:
     """
 
     def __init__(self, config: FedConfig, data, seed: int, privacy: ClientPrivacy | None = None,
-                 proximal: Mapping[str, Tensor] | None = None) -> None:
+                 proximal: Mapping[str, Tensor] | None = None, lr: float | None = None) -> None:
         self.config = config
+        self.lr = config.lr if lr is None else lr  # this round's (``FedConfig.round_lr``)
         self.data = data
         self.seed = seed
         self.privacy = privacy
@@ -183,9 +184,9 @@ class LocalTrainer:
         if not params:
             raise ValueError("LocalTrainer: the model has no trainable adapter parameters")
         if self.config.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params.values(), lr=self.config.lr)
+            optimizer = torch.optim.SGD(params.values(), lr=self.lr)
         else:
-            optimizer = torch.optim.AdamW(params.values(), lr=self.config.lr, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params.values(), lr=self.lr, weight_decay=0.0)
         regulariser = self._regulariser(params, penalty)
         steps = steps or self.config.local_steps
         if self.privacy is not None:
@@ -270,7 +271,8 @@ def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, 
     model = bench.checkout(client.rank, state, seed)
     strategy.prepare(model, client, payload, round_index)
     start = adapters.read_tensors(model)
-    trainer = LocalTrainer(strategy.config, data, seed, client.privacy, proximal=payload)
+    trainer = LocalTrainer(strategy.config, data, seed, client.privacy, proximal=payload,
+                           lr=strategy.config.round_lr(round_index))
     first_offset = client.privacy.noise.offset if client.privacy is not None else None
     # dropout draws from torch's global generator: seed it per client and round, so a client's round is
     # the same whichever clients ran before it in this process (simulator, Flower node, resumed run)

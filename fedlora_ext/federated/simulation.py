@@ -31,7 +31,7 @@ from fedlora_ext.federated.checkpoint import (
 )
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
-from fedlora_ext.federated.evaluate import eval_subset, evaluate
+from fedlora_ext.federated.evaluate import eval_subset, evaluate, evaluate_sft
 from fedlora_ext.federated.partition import (
     dirichlet_partition,
     iid_partition,
@@ -71,6 +71,7 @@ class Simulation:
         self.test_data = test_data if test_data is not None else task.test
         base = base_model if base_model is not None else task.model
         self.label_names = task.label_names if task is not None else []
+        self.tokenizer = task.tokenizer if task is not None else None  # decodes SFT sample generations
         self.data = data_description(task, self.train_data, self.test_data)
         self.bench = ModelBench(config, base, merges=self.strategy.merges_base)
         self.clients, self.client_data = self._make_clients()
@@ -82,6 +83,7 @@ class Simulation:
         self.server = Server(self.strategy, self.strategy.init_state(init), seed, server_privacy, self.bench.template,
                              device=self.bench.device, privacy_ledger=ledger)
         self.history: list[dict] = []
+        self.generations: list[dict] | None = None  # the last round's SFT sample generations
         self.rounds_done = 0
 
     @property
@@ -155,6 +157,7 @@ class Simulation:
         metrics.update(self.privacy_metrics(list(trained_any.values())))
         replied = {r.cid for r in replies}  # this round's participants: see evaluate()
         metrics.update(self.evaluate(round_index, [c for c in self.clients if c.cid in replied]))
+        self.generations = metrics.pop("generations", None)  # run() writes them beside metrics.jsonl
         finished = time.perf_counter()
         metrics.update(seconds=finished - started, seconds_train=trained_at - started,
                        seconds_dp=sum(r.local.get("dp_seconds", 0.0) for r in replies),
@@ -236,7 +239,7 @@ class Simulation:
         results = {}
         if self.strategy.global_model:
             results.update(global_scores(self.global_model(), self.config, self.test_data, self.label_names,
-                                         round_index))
+                                         round_index, self.tokenizer))
         if personal_evaluation(self.config, self.strategy):
             scope = "all" if participants is None else personal_scope(self.config, round_index)
             clients = self.clients if scope == "all" else participants
@@ -255,6 +258,7 @@ class Simulation:
             write_run_config(out_dir, self.config, self.label_names, self.data, bench=self.bench)
             # a resumed run rewrites the rounds it has (a killed run may have logged one more)
             write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history).encode())
+            keep_generations(out_dir, self.rounds_done)
             metrics_file = open(out_dir / "metrics.jsonl", "a")
         try:
             for round_index in range(self.rounds_done, self.config.rounds):
@@ -269,6 +273,7 @@ class Simulation:
                 if out_dir is not None:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
+                    append_generations(out_dir, round_index + 1, self.generations)
                     save_checkpoint(self, round_index + 1, out_dir)
                 self.rounds_done = round_index + 1
         finally:
@@ -279,6 +284,7 @@ class Simulation:
             self.save_adapter(out_dir / "adapter.safetensors")
             if privacy:
                 (out_dir / "privacy.json").write_text(json.dumps(privacy, indent=2))
+        check_trained(self.history)
         return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy, privacy)
 
     @classmethod
@@ -296,6 +302,16 @@ class Simulation:
 
     def save_adapter(self, path: Path) -> None:
         save_adapter(path, self.strategy, self.state, self.bench.pristine_base())
+
+
+def check_trained(history: list[dict]) -> None:
+    """Raises RunError when no round produced a model: every round was skipped (every update rejected,
+    failed or lost), so the run's model is the untrained one it started from."""
+    if not history or not all("skipped" in m for m in history):
+        return
+    failed = next((reason for m in history for reason in m.get("failed", {}).values()), None)
+    raise RunError(f"no round produced a model: all {len(history)} rounds were skipped, the model is the untrained "
+                   f"one ({history[-1]['skipped']}" + (f"; e.g. {failed}" if failed else "") + ")")
 
 
 def check_not_deterministic(round_index: int, sampled: list[ClientState], errors: list[Exception]) -> None:
@@ -470,19 +486,60 @@ def save_base_model(out_dir: Path, config: FedConfig, bench: ModelBench, label_n
     return folder
 
 
-def global_scores(model, config: FedConfig, test_data, label_names: list[str], round_index: int) -> dict:
-    """The global model's test loss and accuracy, and after the last round its accuracy per class
-    by label name. Before the last round a fixed seeded subset of ``eval_examples`` test examples is
-    evaluated (the same every round), the last round always sees the whole split; ``test_examples``
-    says how many were evaluated."""
+def global_scores(model, config: FedConfig, test_data, label_names: list[str], round_index: int,
+                  tokenizer=None) -> dict:
+    """The global model's test scores (``test_loss``, ``test_accuracy``; a language model's
+    ``test_perplexity`` and, for short SFT answers, ``test_exact_match``) on the same examples every
+    round: a fixed seeded subset of ``eval_examples`` test examples (``test_examples`` says how many),
+    so that rounds compare like with like. After the last round the whole split is scored too, as
+    ``final_test_*`` (when the subset is smaller), with the accuracy per class by label name. SFT with a
+    ``tokenizer``: ``generations``, a few decoded prompts, references and greedy outputs (the caller
+    writes them to generations.jsonl, not to metrics.jsonl)."""
     last = round_index == config.rounds - 1
-    data = eval_subset(test_data, config.eval_examples, derive_seed(config.seed, "eval_subset"), full=last)
-    scores = evaluate(model, data, config.batch_size * 4)
+    subset = eval_subset(test_data, config.eval_examples, derive_seed(config.seed, "eval_subset"))
+    samples = GENERATION_SAMPLES if tokenizer is not None and "prompt_len" in test_data.column_names else 0
+    scores = _evaluate(model, subset, config.batch_size * 4, samples)
     out = {f"test_{k}": scores[k] for k in SCORES if k in scores}
-    out["test_examples"] = len(data)
+    out["test_examples"] = len(subset)
+    generations = scores.get("generations", [])
+    if last and len(subset) < len(test_data):
+        scores = _evaluate(model, test_data, config.batch_size * 4, 0)
+        out.update({f"final_test_{k}": scores[k] for k in SCORES if k in scores})
+        out["final_test_examples"] = len(test_data)
     if label_names and "class_accuracy" in scores and last:
         out["test_accuracy_per_class"] = dict(zip(label_names, scores["class_accuracy"]))
+    if generations:
+        out["generations"] = [{key: tokenizer.decode(ids, skip_special_tokens=False) for key, ids in row.items()}
+                              for row in generations]
     return out
+
+
+#: prompts whose greedy answers an SFT evaluation records in generations.jsonl (the first of the test subset)
+GENERATION_SAMPLES = 4
+
+
+def _evaluate(model, data, batch_size: int, samples: int) -> dict:
+    return evaluate_sft(model, data, batch_size, samples) if samples else evaluate(model, data, batch_size)
+
+
+def append_generations(out_dir: Path | None, round_number: int, generations: list[dict] | None) -> None:
+    """One line per sample generation in ``out_dir/generations.jsonl``: the round, prompt, reference, output."""
+    if out_dir is None or not generations:
+        return
+    with open(out_dir / GENERATIONS, "a") as handle:
+        for row in generations:
+            handle.write(json.dumps({"round": round_number, **row}) + "\n")
+
+
+def keep_generations(out_dir: Path, rounds: int) -> None:
+    """generations.jsonl without the lines of rounds after ``rounds`` (a resumed run rewrites them)."""
+    path = out_dir / GENERATIONS
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["round"] <= rounds]
+        write_atomic(path, "".join(lines).encode())
+
+
+GENERATIONS = "generations.jsonl"
 
 
 #: what an evaluation reports, by task: classification and causal LM loss and accuracy; SFT loss and

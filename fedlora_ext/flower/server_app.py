@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_ext.federated.simulation import save_base_model
 from fedlora_ext.flower.run_config import config_from_run_config
 from fedlora_ext.flower.strategy import FedLoRAStrategy
-from fedlora_ext.reporting import plot_run, summary_row
+from fedlora_ext.reporting import examples_scored, plot_run, summary_row
 from fedlora_ext.run_folder import claim, write_json_atomic
 
 app = ServerApp()
@@ -98,7 +98,7 @@ def _write_summary(out: str | None, strategy, started: float, **status) -> dict:
     summary = summary_row(config.method, history) if history else {}
     summary.update(run_folder=out, seconds_total=time.perf_counter() - started,
                    chance=_chance(strategy) if strategy is not None and strategy.server is not None else None,
-                   rounds=len(history), **status)
+                   rounds=len(history), **examples_scored(history), **status)
     if out:
         try:
             Path(out).mkdir(parents=True, exist_ok=True)

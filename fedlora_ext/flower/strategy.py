@@ -38,6 +38,7 @@ from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy, privacy_
 from fedlora_ext.federated.release import release_statement
 from fedlora_ext.federated.server import Server
 from fedlora_ext.federated.simulation import (
+    append_generations,
     check_private_model,
     data_description,
     global_model,
@@ -150,7 +151,7 @@ class FedLoRAStrategy(FlowerStrategy):
         strategy = make_strategy(config)
         torch.manual_seed(config.seed)
         task = build_task(config.replace(out_dir=None))
-        self.test_data, self.label_names = task.test, task.label_names
+        self.test_data, self.label_names, self.tokenizer = task.test, task.label_names, task.tokenizer
         self.bench = ModelBench(config, task.model, merges=strategy.merges_base)
         init = initial_model(self.bench, strategy)
         if config.sample_dp:
@@ -342,7 +343,8 @@ class FedLoRAStrategy(FlowerStrategy):
         started = time.perf_counter()
         if self.strategy.global_model:
             metrics.update(global_scores(global_model(self.bench, self.strategy, self.state), self.config,
-                                         self.test_data, self.label_names, server_round - 1))
+                                         self.test_data, self.label_names, server_round - 1, self.tokenizer))
+            append_generations(self.out_dir, server_round, metrics.pop("generations", None))
         personal = [r.content["metrics"] for r in replies if not r.has_error() and "metrics" in r.content]
         personal = [m for m in personal if m["num-examples"] > 0]
         if "personal_scope" in self._round:
