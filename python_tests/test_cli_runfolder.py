@@ -23,6 +23,7 @@ import pytest
 
 from fedlora_ext.errors import RunError
 from fedlora_ext.run_folder import LOCK, RunLock, claim, lock_holder, new_run_folder, run_status
+from pausing import paused, wait_for_pause
 
 TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
         "--set", "batch_size=16", "--quiet"]
@@ -34,8 +35,8 @@ def fedlora(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProce
                           cwd=cwd, env=ENV, timeout=timeout)
 
 
-def start(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedlora_ext", *map(str, args)], cwd=cwd, env=ENV,
+def start(*args, cwd: Path, env: dict = ENV) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedlora_ext", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -54,16 +55,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones included) by its SHA-256."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def wait_for(predicate, process: subprocess.Popen | None = None, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the run ended first: {process.returncode} {process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError("waited too long")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -160,24 +151,25 @@ def test_claim_rules(finished, tmp_path):
 
 # ---- concurrent runs ----------------------------------------------------------------------------
 def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
-    out = tmp_path / "run"
-    first = start("run", *TINY, "--rounds", "6", "--local-steps", "3", "--out", out, cwd=tmp_path)
+    out, pause = tmp_path / "run", tmp_path / "paused"
+    first = start("run", *TINY, "--rounds", "2", "--out", out, cwd=tmp_path, env=paused(ENV, 1, pause))
     try:
-        wait_for(lambda: (out / LOCK).exists() and (out / LOCK).read_text().strip(), first)
+        wait_for_pause(pause, first)  # the first run holds the folder until the pause ends
         holder = f"pid {first.pid} on "
-        second = [start("run", *TINY, "--rounds", "1", "--out", out, cwd=tmp_path),  # both at once: the first
-                  start("run", "--resume", out, "--quiet", cwd=tmp_path)]  # must still be running
+        second = [start("run", *TINY, "--rounds", "1", "--out", out, cwd=tmp_path),
+                  start("run", "--resume", out, "--quiet", cwd=tmp_path)]
         for process in second:
             _, stderr = process.communicate(timeout=300)
             one_error_line(subprocess.CompletedProcess(process.args, process.returncode, "", stderr), str(out),
                            "in use", holder)
+        pause.unlink()  # the first run goes on
         stdout, stderr = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
     assert first.returncode == 0, stderr[-3000:]
-    assert "round 6/6" in stdout and json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert "round 2/2" in stdout and json.loads((out / "summary.json").read_text())["status"] == "completed"
     assert not (out / LOCK).exists()
 
 
@@ -219,10 +211,10 @@ def test_default_run_folders_never_collide(tmp_path):
 def test_ctrl_c_leaves_a_whole_checkpoint_and_one_line(tmp_path):
     from fedlora_ext.federated.checkpoint import read_checkpoint
 
-    out = tmp_path / "run"
-    run = start("run", *TINY, "--rounds", "8", "--local-steps", "3", "--out", out, cwd=tmp_path)
+    out, pause = tmp_path / "run", tmp_path / "paused"
+    run = start("run", *TINY, "--rounds", "3", "--out", out, cwd=tmp_path, env=paused(ENV, 1, pause))
     try:
-        wait_for(lambda: (out / "checkpoint.json").exists(), run)
+        wait_for_pause(pause, run)  # between rounds 1 and 2, where a Ctrl-C finds a run
         run.send_signal(signal.SIGINT)
         _, stderr = run.communicate(timeout=120)
     finally:
@@ -232,19 +224,19 @@ def test_ctrl_c_leaves_a_whole_checkpoint_and_one_line(tmp_path):
     index, _ = read_checkpoint(out)  # whole: the tensors match the index's SHA-256
     done = index["rounds_done"]
     assert run.returncode == 130, stderr[-3000:]
-    assert 1 <= done < 8
+    assert done == 1
     assert stderr.strip().splitlines() == [f"fedlora: interrupted after round {done}; continue with: "
                                            f"fedlora run --resume {out}"], stderr[-3000:]
     assert not (out / LOCK).exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds_done"] == done
-    assert run_status(out) == f"{out}: interrupted after round {done}/8 (continue with fedlora run --resume {out})"
+    assert run_status(out) == f"{out}: interrupted after round {done}/3 (continue with fedlora run --resume {out})"
     with pytest.raises(RunError, match=f"continue it with `fedlora run --resume {out}`"):
         claim(out)
     resumed = fedlora("run", "--resume", out, "--quiet", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"after round {done} of 8" in resumed.stdout
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 8
+    assert f"after round {done} of 3" in resumed.stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 

@@ -16,12 +16,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fedlora_ext.cli import main
+from pausing import paused, wait_for_pause
 
 TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
         "--set", "batch_size=16", "--quiet"]
@@ -218,30 +218,30 @@ def test_a_resumed_run_continues_its_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fedlora_ext.federated.checkpoint import read_checkpoint
 
-    out = tmp_path / "run"
-    run = subprocess.Popen([sys.executable, "-m", "fedlora_ext", "run", *TINY, "--rounds", "8", "--local-steps", "3",
-                            "--out", str(out), "--tensorboard"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+    from torch.utils.tensorboard import SummaryWriter
+
+    out, pause = tmp_path / "run", tmp_path / "paused"
+    run = subprocess.Popen([sys.executable, "-m", "fedlora_ext", "run", *TINY, "--rounds", "3", "--out", str(out),
+                            "--tensorboard"], cwd=tmp_path, env=paused(ENV, 1, pause), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "checkpoint.json").exists():
-            assert run.poll() is None, run.stderr.read()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for_pause(pause, run)  # round 1 checkpointed, round 2 not started
         run.send_signal(signal.SIGINT)
-        run.communicate(timeout=120)
+        _, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
             run.wait()
-    assert run.returncode == 130
-    done = read_checkpoint(out)[0]["rounds_done"]
-    assert 1 <= done < 8
+    assert run.returncode == 130, stderr[-3000:]
+    assert read_checkpoint(out)[0]["rounds_done"] == 1
+    # what a run killed after logging round 2 but before checkpointing it leaves: a step the resume redoes
+    with SummaryWriter(log_dir=str(out / "tensorboard")) as stray:
+        stray.add_scalar("test_accuracy", 99.0, 2)
     resumed = fedlora("run", "--resume", out, "--quiet", cwd=tmp_path)  # continued without --tensorboard
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
-    history = _same_as_metrics(out)  # steps 1..8, each once (a round logged after the checkpoint is purged)
-    assert [m["round"] for m in history] == list(range(1, 9))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 3
+    history = _same_as_metrics(out)  # steps 1..3, each once (the stray step 2 purged)
+    assert [m["round"] for m in history] == [1, 2, 3]
 
 
 STUB = ("import sys; sys.modules['tensorboard'] = None  # `import tensorboard` raises ImportError\n"

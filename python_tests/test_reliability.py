@@ -11,7 +11,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from fedlora_ext.core.config import FedConfig
 from fedlora_ext.federated.robust import coordinate_median, trimmed_mean, update_norm
 from fedlora_ext.federated.simulation import Simulation, simulate
 from fedlora_ext.strategies.base import fedavg_weights
+from pausing import paused, wait_for_pause
 
 
 def small(method: str = "fedit", **changes) -> FedConfig:
@@ -74,8 +74,8 @@ def test_resume_is_bitwise_the_uninterrupted_run(method, tmp_path):
 
 
 def test_killed_run_resumes_from_the_command_line(tmp_path):
-    """`fedlora run` killed with SIGKILL after a random round, then `fedlora run --resume`: the same
-    adapter, bit for bit, as the uninterrupted run."""
+    """`fedlora run` killed with SIGKILL after a random round (paused there), then `fedlora run --resume`:
+    the same adapter, bit for bit, as the uninterrupted run."""
     flags = ["--model", "tiny-bert", "--dataset", "synthetic", "--clients", "4", "--rounds", "6", "--local-steps", "2",
              "--set", "num_examples=128", "--set", "rank=4", "--set", "dp_noise_seed=7", "--set", "seq_len=16",
              "--set", "batch_size=16", "--quiet"]
@@ -84,19 +84,19 @@ def test_killed_run_resumes_from_the_command_line(tmp_path):
     subprocess.run([sys.executable, "-m", "fedlora_ext", "run", *flags, "--out", str(whole)], check=True, cwd=tmp_path,
                    env=env, capture_output=True, timeout=600)
     stop = random.Random(0).randint(1, 4)
+    pause = tmp_path / "paused"
     process = subprocess.Popen([sys.executable, "-m", "fedlora_ext", "run", *flags, "--out", str(cut)], cwd=tmp_path,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=paused(env, stop, pause), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and process.poll() is None:
-            if (cut / "checkpoint.json").exists() and json.loads((cut / "checkpoint.json").read_text())["rounds_done"] >= stop:
-                break
-            time.sleep(0.05)
+        wait_for_pause(pause, process)
         process.send_signal(signal.SIGKILL)
     finally:
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
     done = json.loads((cut / "checkpoint.json").read_text())["rounds_done"]
-    assert 1 <= done < 6, done
+    assert done == stop, done
     resumed = subprocess.run([sys.executable, "-m", "fedlora_ext", "run", "--resume", str(cut), "--quiet"], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
