@@ -30,6 +30,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fedlora_ext.federated.simulation import simulate  # noqa: E402
 from fedlora_ext.flower.run_config import config_from_run_config  # noqa: E402
+from pausing import PAUSE_DEADLINE, flower_pauses, paused_marker, release, request_pause, wait_for_pause  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "fedlora"
 
@@ -42,7 +43,8 @@ def free_port() -> int:
 
 class Deployment:
     """A SuperLink and supernodes as child processes, each in its own session (its process group
-    holds the SuperExec and ClientApp processes it starts), stopped by id."""
+    holds the SuperExec and ClientApp processes it starts), stopped by id. The ServerApps the SuperLink
+    starts inherit its environment, so a test can pause one between rounds (``pause_dir``, pausing.py)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -50,6 +52,9 @@ class Deployment:
         self.home.mkdir(parents=True)
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.pause_dir = root / "pauses"
+        self.pause_dir.mkdir()
+        self.env = flower_pauses(self.env, self.pause_dir)
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
         (self.home / "config.toml").write_text(
@@ -65,8 +70,22 @@ class Deployment:
                                   "--database", str(self.root / "state.db"), "--disable-runtime-dependency-installation"])
         self._wait_healthy(self.port, "superlink")
         for i, node_config in enumerate(node_configs):
-            self._start(f"supernode{i}", ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                          "--port", str(free_port()), "--node-config", node_config])
+            self.start_supernode(f"supernode{i}", node_config)
+
+    def start_supernode(self, name: str, node_config: str) -> None:
+        self._start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                           "--port", str(free_port()), "--node-config", node_config])
+
+    def wait_registered(self, name: str, timeout: float = PAUSE_DEADLINE) -> None:
+        """Returns once supernode ``name`` is registered and online at the SuperLink: it logs its
+        node id only after the SuperLink activated it."""
+        deadline, log = time.monotonic() + timeout, self.root / f"{name}.log"
+        while "SuperNode ID:" not in log.read_text():
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not registered after {timeout} s")
+            time.sleep(0.05)
 
     def _wait_healthy(self, port: int, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -81,10 +100,33 @@ class Deployment:
                 time.sleep(0.2)
         raise TimeoutError(f"{name} not healthy after {timeout} s")
 
-    def run(self, run_config: dict, timeout: float = 420.0) -> subprocess.CompletedProcess:
+    @staticmethod
+    def command(run_config: dict, connection: str = "local") -> list[str]:
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        return subprocess.run(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides],
-                              env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
+        return ["flwr", "run", str(APP), connection, "--stream", "--run-config", overrides]
+
+    def run(self, run_config: dict, timeout: float = 420.0) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(run_config), env=self.env, cwd=self.root, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def run_interrupted(self, run_config: dict, interrupt, after_round: int = 1, timeout: float = 600.0) -> str:
+        """`flwr run` with the server paused once round ``after_round`` is recorded: ``interrupt()`` runs
+        during the pause, then the run goes on to its end. Returns its output (also in flwr-run.log)."""
+        request, log = request_pause(self.pause_dir, after_round), self.root / "flwr-run.log"
+        with open(log, "w") as handle:
+            run = subprocess.Popen(self.command(run_config), env=self.env, cwd=self.root, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_pause(paused_marker(self.pause_dir, after_round), run, log=log)
+            interrupt()
+            release(request)
+            run.wait(timeout=timeout)
+        finally:
+            release(request)
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(timeout=10)
+        return log.read_text()
 
     def stop(self) -> None:
         for process in self.processes.values():  # by id: the process group each child leads
@@ -178,34 +220,26 @@ def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
     deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     out = tmp_path / "run"
     run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "dp-noise-seed": 5})
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    result = subprocess.run(["flwr", "run", str(APP), "sim", "--stream", "--run-config", overrides], env=deployment.env,
+    result = subprocess.run(deployment.command(run_config, "sim"), env=deployment.env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=420)
     assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
     assert_matches_simulator(run_config, out, tmp_path / "simulated")
 
 
 def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, tmp_path):
-    """SIGKILL to one supernode's process group once round 1 is recorded: Flower reports the node lost
-    (after its missed heartbeats), rounds 2 and 3 aggregate the other two (min_clients = 2), and the
-    run completes with the failure in metrics.jsonl."""
+    """SIGKILL to one supernode's process group while the server is paused after round 1: Flower
+    reports the node lost (after its missed heartbeats), rounds 2 and 3 aggregate the other two
+    (min_clients = 2), and the run completes with the failure in metrics.jsonl."""
     out = tmp_path / "run"
     run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "rounds": 3, "min-clients": 2,
                                    "dp-epsilon": "none"})
     deployment.start([f"partition-id={i} num-partitions=3" for i in range(3)])
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    run = subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides], env=deployment.env,
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists()
-                                                   and (out / "metrics.jsonl").read_text().strip()):
-            time.sleep(0.2)
+
+    def kill_node_2() -> None:
         os.killpg(deployment.processes["supernode2"].pid, signal.SIGKILL)
-        output, _ = run.communicate(timeout=480)
-    finally:
-        if run.poll() is None:
-            run.kill()
+        deployment.processes["supernode2"].wait(timeout=10)
+
+    output = deployment.run_interrupted(run_config, kill_node_2)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed", output[-3000:] + deployment.logs()
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -215,11 +249,13 @@ def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, 
 
 
 def test_a_restarted_supernode_keeps_its_budget_and_never_reuses_noise(deployment, tmp_path):
-    """DP-SGD with a fixed noise key (the case where a reset stream would repeat noise): once round 1 is
-    recorded, supernode 0 is killed and started again with the same node_config (a new node id, Flower's
-    state gone). It continues from its state file (state-dir) and the server's count: the server finds
-    it again, every node ends within its target, the node's own account equals the server's ledger and
-    its noise offset equals the steps it took (each step used the next unused offset)."""
+    """DP-SGD with a fixed noise key (the case where a reset stream would repeat noise): while the server
+    is paused after round 1, supernode 0 is killed and started again with the same node_config (a new
+    node id, Flower's state gone). The pause lasts until the new node is online at the SuperLink, so
+    round 2's rediscovery (``FedLoRAStrategy.rediscover``, before each round's sampling) finds it however
+    fast it came back. It continues from its state file (state-dir) and the server's count: it trains
+    in rounds 2 and 3, every node ends within its target, the node's own account equals the server's
+    ledger and its noise offset equals the steps it took (each step used the next unused offset)."""
     from fedlora_ext.federated.client_state import restore_client
     from fedlora_ext.flower.node_state import load_state
 
@@ -229,27 +265,18 @@ def test_a_restarted_supernode_keeps_its_budget_and_never_reuses_noise(deploymen
                                    "dp-epsilon": target, "dp-noise-seed": 5})
     node_configs = [f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)]
     deployment.start(node_configs)
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    run = subprocess.Popen(["flwr", "run", str(APP), "local", "--stream", "--run-config", overrides], env=deployment.env,
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists()
-                                                   and (out / "metrics.jsonl").read_text().strip()):
-            time.sleep(0.2)
+
+    def restart_node_0() -> None:
         os.killpg(deployment.processes["supernode0"].pid, signal.SIGKILL)
         deployment.processes["supernode0"].wait(timeout=10)
-        deployment._start("supernode0-restarted", ["flower-supernode", "--insecure", "--superlink",
-                                                   f"127.0.0.1:{deployment.port}", "--port", str(free_port()),
-                                                   "--node-config", node_configs[0]])
-        output, _ = run.communicate(timeout=600)
-    finally:
-        if run.poll() is None:
-            run.kill()
+        deployment.start_supernode("supernode0-restarted", node_configs[0])
+        deployment.wait_registered("supernode0-restarted")  # round 2 must not start before it is online
+
+    output = deployment.run_interrupted(run_config, restart_node_0)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed", output[-3000:] + deployment.logs()
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert 0 in rounds[-1]["clients"], "the restarted node took part again"
+    assert [0 in r["clients"] for r in rounds] == [True, True, True], "the restarted node trained in rounds 2 and 3"
     report = json.loads((out / "privacy.json").read_text())
     assert all(r["epsilon"] <= target for r in report["clients"].values()) and report["epsilon_max"] <= target
     files = list(state.glob("run-*/client-0.safetensors"))

