@@ -141,7 +141,7 @@ def run_one(spec: dict) -> dict:
     from fedlora_ext.federated.simulation import Simulation
 
     try:
-        from fedlora_ext.jobs import quiet_libraries
+        from fedlora_ext.app.jobs import quiet_libraries
 
         quiet_libraries()
     except ImportError:

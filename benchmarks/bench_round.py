@@ -48,7 +48,7 @@ from fedlora_ext.core.config import FedConfig  # noqa: E402
 from fedlora_ext.federated import client as client_module  # noqa: E402
 from fedlora_ext.federated import preset  # noqa: E402
 from fedlora_ext.federated.simulation import Simulation  # noqa: E402
-from fedlora_ext.jobs import quiet_libraries  # noqa: E402
+from fedlora_ext.app.jobs import quiet_libraries  # noqa: E402
 
 DEFAULT_JSON = harness.REPO_ROOT / "benchmarks" / "results" / "round_cpu.json"
 PARTS = ("seconds", "seconds_train", "seconds_dp", "seconds_aggregate", "seconds_eval")

@@ -45,7 +45,7 @@ def flags(args) -> list[str]:
 
 
 def uninterrupted(args, out: Path) -> list[float]:
-    from fedlora_ext.cli import _config, build_parser
+    from fedlora_ext.app.cli import _config, build_parser
     from fedlora_ext.federated.simulation import Simulation
 
     logging.getLogger("fedlora_ext").setLevel(logging.ERROR)  # a warning per injected failure otherwise

@@ -2,6 +2,6 @@
 
 import sys
 
-from fedlora_ext.cli import main
+from fedlora_ext.app.cli import main
 
 sys.exit(main())

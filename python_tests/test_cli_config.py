@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from fedlora_ext.cli import _config, build_parser, main
+from fedlora_ext.app.cli import _config, build_parser, main
 from fedlora_ext.errors import RunError
 from fedlora_ext.federated import FedConfig, Simulation
 from fedlora_ext.core.adapters import default_target_modules

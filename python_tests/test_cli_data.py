@@ -1,6 +1,6 @@
 """A user's data through `fedlora run`: refused in one line, or used exactly as given (issue 13, data side).
 
-Each case writes real files in ``tmp_path``. Most go through ``fedlora_ext.cli.main`` in-process (what
+Each case writes real files in ``tmp_path``. Most go through ``fedlora_ext.app.cli.main`` in-process (what
 the CLI prints, without paying for the imports again); the Hub cases run in a subprocess with the offline
 variables set before anything is imported.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_ext.cli import main
+from fedlora_ext.app.cli import main
 from fedlora_ext.data.text import load_text
 from fedlora_ext.federated import FedConfig
 
@@ -237,7 +237,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-TIMED = ("import sys, time; from fedlora_ext.cli import main; t = time.perf_counter(); code = main(sys.argv[1:]); "
+TIMED = ("import sys, time; from fedlora_ext.app.cli import main; t = time.perf_counter(); code = main(sys.argv[1:]); "
          "print(f'SECONDS {time.perf_counter() - t:.2f}'); sys.exit(code)")
 
 

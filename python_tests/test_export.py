@@ -20,7 +20,9 @@ import torch
 from fedtools import one_thread  # noqa: F401 (autouse: one intra-op thread on the shared cores)
 
 from fedlora_ext.data.synthetic import synthetic_dataset
-from fedlora_ext.export import EXPORT_INFO, evaluate_path, export_run, load_run
+from fedlora_ext.app.evaluation import evaluate_path
+from fedlora_ext.app.export import EXPORT_INFO, export_run
+from fedlora_ext.app.run_models import load_run
 from fedlora_ext.federated import FedConfig, Simulation
 from fedlora_ext.federated.evaluate import evaluate
 

@@ -4,7 +4,7 @@ job's lines; TensorBoard event files hold every number of metrics.jsonl per roun
 one line when they cannot work.
 
 Tiny synthetic runs (`--preset fedit` on tiny-bert), through `python -m fedlora_ext` from tmp_path or
-`fedlora_ext.cli.main` in-process with every path under tmp_path."""
+`fedlora_ext.app.cli.main` in-process with every path under tmp_path."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora_ext.cli import main
+from fedlora_ext.app.cli import main
 from pausing import paused, wait_for_pause
 
 TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
@@ -245,7 +245,7 @@ def test_a_resumed_run_continues_its_event_files(tmp_path):
 
 
 STUB = ("import sys; sys.modules['tensorboard'] = None  # `import tensorboard` raises ImportError\n"
-        "from fedlora_ext.cli import main; sys.exit(main(sys.argv[1:]))")
+        "from fedlora_ext.app.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.mark.parametrize("command", ["run", "compare", "simulate"])

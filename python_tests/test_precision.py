@@ -103,7 +103,7 @@ def test_16_bit_base_other_families(model, optimizer):
 
 def bench(method="fedit", **changes) -> ModelBench:
     cfg = config(method, changes.pop("model_dtype", "float32"), False, model="tiny-llama", **changes)
-    return ModelBench(cfg, build_model("tiny-llama", "classification", 4, 0), merges=method in ("flora", "fedex_lora"))
+    return ModelBench(cfg, build_model("tiny-llama", "classification", 4, 0))
 
 
 def test_16_bit_base_keeps_what_trains_in_float32():

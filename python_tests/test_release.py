@@ -205,7 +205,7 @@ def test_metrics_jsonl_alone_gives_the_privacy_table(tmp_path):
 
 def test_the_run_log_holds_the_clients_own_lines_and_the_console_does_not(tmp_path, capfd):
     """``--log-file`` (jobs.job_log) takes the clients' own lines; nothing of them reaches the console."""
-    from fedlora_ext.jobs import job_log
+    from fedlora_ext.app.jobs import job_log
 
     with job_log(tmp_path / "run.log"):
         simulation.simulate(private_config("fedit", rounds=1), progress=False)

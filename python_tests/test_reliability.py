@@ -142,7 +142,7 @@ def test_resume_of_a_private_run_needs_its_keys(tmp_path):
 
 
 def test_resume_flag_refuses_other_flags(tmp_path):
-    from fedlora_ext.cli import main
+    from fedlora_ext.app.cli import main
 
     assert main(["run", "--resume", str(tmp_path), "--rounds", "3"]) == 2
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from fedtools import one_thread, tree_hashes  # noqa: F401 (one_thread: autouse, one intra-op thread)
 
-from fedlora_ext import export
-from fedlora_ext.cli import main
-from fedlora_ext.export import EXPORT_INFO, export_run
+from fedlora_ext.app import export
+from fedlora_ext.app.cli import main
+from fedlora_ext.app.export import EXPORT_INFO, export_run
 from fedlora_ext.federated import FedConfig, Simulation
 
 

@@ -43,11 +43,10 @@ class ModelBench:
     for them), adapters re-initialised from a seed, the initial head; the strategy then loads its tensors.
     """
 
-    def __init__(self, config: FedConfig, base_model: nn.Module, *, merges: bool | None = None) -> None:
+    def __init__(self, config: FedConfig, base_model: nn.Module) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        # whether the method merges into the base (None: as config.method's strategy says)
-        self.merges = make_strategy(config).merges_base if merges is None else merges
+        self.merges = make_strategy(config).merges_base  # whether the method merges into the base
         self._base = place_base(base_model, self.device, resolve_dtype(config.model_dtype))
         self._models: dict[int, nn.Module] = {}
         self._pristine: dict[str, Tensor] = {}  # base weights of adapted modules before any merge (merging methods)

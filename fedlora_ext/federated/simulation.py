@@ -73,7 +73,7 @@ class Simulation:
         self.label_names = task.label_names if task is not None else []
         self.tokenizer = task.tokenizer if task is not None else None  # decodes SFT sample generations
         self.data = data_description(task, self.train_data, self.test_data)
-        self.bench = ModelBench(config, base, merges=self.strategy.merges_base)
+        self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = initial_model(self.bench, self.strategy)
         if config.sample_dp:  # fail before training if DP-SGD has nothing it can train

@@ -96,7 +96,7 @@ class NodeRuntime:
         task = build_task(config.replace(out_dir=None))
         client, self.train_data, self.test_data = partition_clients(config, self.strategy, task.train)[cid]
         self.num_examples = client.num_examples
-        self.bench = ModelBench(config, task.model, merges=self.strategy.merges_base)
+        self.bench = ModelBench(config, task.model)
         self.initial = self.strategy.init_state(initial_model(self.bench, self.strategy))
 
     def new_client(self) -> ClientState:

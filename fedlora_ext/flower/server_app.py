@@ -6,7 +6,7 @@ round), adapter.safetensors (after every round), base_model/ (tiny models), priv
 summary.json (the keys of ``fedlora run``'s, with ``status`` ``completed`` or ``failed`` and the
 ``error``: ``flwr run`` exits 0 whatever happens here). The out-dir is read from the run config before
 the rest is checked, so a configuration error is reported there too. The folder is claimed and locked
-as ``fedlora run`` does (:mod:`fedlora_ext.run_folder`): never a folder holding another run, and
+as ``fedlora run`` does (:mod:`fedlora_ext.app.run_folder`): never a folder holding another run, and
 ``fedlora status`` shows it.
 """
 
@@ -24,8 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_ext.federated.simulation import save_base_model
 from fedlora_ext.flower.run_config import config_from_run_config
 from fedlora_ext.flower.strategy import FedLoRAStrategy
-from fedlora_ext.reporting import examples_scored, plot_run, summary_row
-from fedlora_ext.run_folder import claim, write_json_atomic
+from fedlora_ext.app.reporting import examples_scored, plot_run, summary_row
+from fedlora_ext.app.run_folder import claim, write_json_atomic
 
 app = ServerApp()
 log = logging.getLogger("fedlora_ext.flower")
@@ -90,7 +90,7 @@ def _chance(strategy) -> float | None:
 
 
 def _write_summary(out: str | None, strategy, started: float, **status) -> dict:
-    """summary.json: ``fedlora run``'s keys (:func:`fedlora_ext.reporting.summary_row`, run_folder,
+    """summary.json: ``fedlora run``'s keys (:func:`fedlora_ext.app.reporting.summary_row`, run_folder,
     seconds_total, chance) for the rounds done, ``rounds``, and ``status`` (``error`` when failed);
     plot.png when a round was recorded."""
     history = list(strategy.history) if strategy is not None else []

@@ -153,7 +153,7 @@ class FedLoRAStrategy(FlowerStrategy):
         torch.manual_seed(config.seed)
         task = build_task(config.replace(out_dir=None))
         self.test_data, self.label_names, self.tokenizer = task.test, task.label_names, task.tokenizer
-        self.bench = ModelBench(config, task.model, merges=strategy.merges_base)
+        self.bench = ModelBench(config, task.model)
         init = initial_model(self.bench, strategy)
         if config.sample_dp:
             check_private_model(config, strategy, init)

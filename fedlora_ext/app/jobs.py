@@ -2,7 +2,7 @@
 ``compare`` (several variants on the same partition and seeds, a Markdown table and plots) and
 ``simulate`` (a run without the report).
 
-Each job claims its run folder (:mod:`fedlora_ext.run_folder`: never another run's, locked while it
+Each job claims its run folder (:mod:`fedlora_ext.app.run_folder`: never another run's, locked while it
 runs). ``run`` ends its folder with ``summary.json`` whose ``status`` is ``completed``, ``failed`` (with
 the error) or ``interrupted``; Ctrl-C ends a job with :class:`JobInterrupted`, whose message is the
 one line the CLI prints. Every job can append its log to a file (``--log-file``, :func:`job_log`) and
@@ -28,7 +28,7 @@ import torch
 
 from fedlora_ext.errors import RunError
 from fedlora_ext.federated import FedConfig
-from fedlora_ext.reporting import (
+from fedlora_ext.app.reporting import (
     accuracy_key,
     examples_scored,
     markdown_table,
@@ -36,7 +36,7 @@ from fedlora_ext.reporting import (
     plot_run,
     summary_row,
 )
-from fedlora_ext.run_folder import (
+from fedlora_ext.app.run_folder import (
     checkpoint_rounds,
     claim,
     lock_existing,
@@ -344,7 +344,7 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
     """One federated run: prints a line per round and a summary, writes the run folder (config,
     metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png,
     summary.json with the ``status``). ``resume`` continues the run in that folder from its last
-    checkpoint. The folder is claimed first (:func:`fedlora_ext.run_folder.claim`; ``overwrite``
+    checkpoint. The folder is claimed first (:func:`fedlora_ext.app.run_folder.claim`; ``overwrite``
     removes an earlier run's files) and locked until the job ends. Returns the summary.
 
     A failure is recorded in summary.json (``status`` ``failed``, ``error``) and raised; Ctrl-C records

@@ -13,7 +13,7 @@ Subcommands:
 Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback; Ctrl-C with
 one line (``fedlora: interrupted after round N; continue with: fedlora run --resume DIR``) and 130.
 A run, compare or simulate never writes into a folder holding another run (``--overwrite`` replaces it)
-or one in use by a running job (:mod:`fedlora_ext.run_folder`).
+or one in use by a running job (:mod:`fedlora_ext.app.run_folder`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _selfcheck(_: argparse.Namespace) -> int:
-    from fedlora_ext.selfcheck import run_selfcheck
+    from fedlora_ext.app.selfcheck import run_selfcheck
 
     return run_selfcheck()
 
@@ -106,7 +106,7 @@ _OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "round
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedlora_ext.jobs import run_job
+    from fedlora_ext.app.jobs import run_job
 
     if args.resume:  # the run's own configuration: any other flag would change what is being continued
         given = [f"--{a.replace('_', '-')}" for a in (*_OVERRIDES, "config", "set", "no_dp", "iid", "overwrite")
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedlora_ext.jobs import compare_job, variants
+    from fedlora_ext.app.jobs import compare_job, variants
 
     base = _config(args)
     epsilons = args.epsilons or ([base.dp_epsilon] if base.dp_epsilon is not None else [8.0])
@@ -141,7 +141,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedlora_ext.federated.privacy import format_report
-    from fedlora_ext.jobs import simulate_job
+    from fedlora_ext.app.jobs import simulate_job
 
     result = simulate_job(_config(args), progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
                           tensorboard=args.tensorboard)
@@ -161,14 +161,14 @@ def _rounded(value):
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedlora_ext.run_folder import run_status
+    from fedlora_ext.app.run_folder import run_status
 
     print(run_status(args.run_dir))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedlora_ext.export import export_run
+    from fedlora_ext.app.export import export_run
 
     print(export_run(args.run_dir, args.format, args.out, client=args.client, overwrite=args.overwrite)["line"])
     return 0
@@ -189,7 +189,7 @@ def _set_values(items) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fedlora_ext.export import check_json_out, evaluate_path, write_json_scores
+    from fedlora_ext.app.evaluation import check_json_out, evaluate_path, write_json_scores
 
     if args.json:
         check_json_out(args.json, args.overwrite)  # before the model is scored
