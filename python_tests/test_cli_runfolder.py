@@ -13,9 +13,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,32 +20,8 @@ import pytest
 
 from fedlora_ext.errors import RunError
 from fedlora_ext.app.run_folder import LOCK, RunLock, claim, lock_holder, new_run_folder, run_status
+from fedtools import TINY, cli_env, ctrl_c_after_round, fedlora, finish, one_error_line, start_fedlora
 from pausing import paused, wait_for_pause
-
-TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
-        "--set", "batch_size=16", "--quiet"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def fedlora(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora_ext", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=timeout)
-
-
-def start(*args, cwd: Path, env: dict = ENV) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedlora_ext", *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def one_error_line(done, *needles: str) -> str:
-    """Exit 2, exactly one stderr line `fedlora: error: ...` holding every needle, no traceback."""
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedlora: error: "), done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -152,24 +125,22 @@ def test_claim_rules(finished, tmp_path):
 # ---- concurrent runs ----------------------------------------------------------------------------
 def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
     out, pause = tmp_path / "run", tmp_path / "paused"
-    first = start("run", *TINY, "--rounds", "2", "--out", out, cwd=tmp_path, env=paused(ENV, 1, pause))
+    first = start_fedlora("run", *TINY, "--rounds", "2", "--out", out, cwd=tmp_path, env=paused(cli_env(), 1, pause))
     try:
         wait_for_pause(pause, first)  # the first run holds the folder until the pause ends
         holder = f"pid {first.pid} on "
-        second = [start("run", *TINY, "--rounds", "1", "--out", out, cwd=tmp_path),
-                  start("run", "--resume", out, "--quiet", cwd=tmp_path)]
+        second = [start_fedlora("run", *TINY, "--rounds", "1", "--out", out, cwd=tmp_path),
+                  start_fedlora("run", "--resume", out, "--quiet", cwd=tmp_path)]
         for process in second:
-            _, stderr = process.communicate(timeout=300)
-            one_error_line(subprocess.CompletedProcess(process.args, process.returncode, "", stderr), str(out),
-                           "in use", holder)
+            one_error_line(finish(process), str(out), "in use", holder)
         pause.unlink()  # the first run goes on
-        stdout, stderr = first.communicate(timeout=300)
+        done = finish(first)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
-    assert first.returncode == 0, stderr[-3000:]
-    assert "round 2/2" in stdout and json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 2/2" in done.stdout and json.loads((out / "summary.json").read_text())["status"] == "completed"
     assert not (out / LOCK).exists()
 
 
@@ -209,24 +180,16 @@ def test_default_run_folders_never_collide(tmp_path):
 
 # ---- Ctrl-C -------------------------------------------------------------------------------------
 def test_ctrl_c_leaves_a_whole_checkpoint_and_one_line(tmp_path):
-    from fedlora_ext.federated.checkpoint import read_checkpoint
+    from fedlora_ext.federated.checkpoint import read_run
 
     out, pause = tmp_path / "run", tmp_path / "paused"
-    run = start("run", *TINY, "--rounds", "3", "--out", out, cwd=tmp_path, env=paused(ENV, 1, pause))
-    try:
-        wait_for_pause(pause, run)  # between rounds 1 and 2, where a Ctrl-C finds a run
-        run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    index, _ = read_checkpoint(out)  # whole: the tensors match the index's SHA-256
-    done = index["rounds_done"]
-    assert run.returncode == 130, stderr[-3000:]
+    # paused between rounds 1 and 2, where a Ctrl-C finds a run
+    stopped = ctrl_c_after_round("run", *TINY, "--rounds", "3", "--out", out, cwd=tmp_path, pause=pause)
+    done = read_run(out).rounds_done  # whole: every file matches the index's SHA-256
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert done == 1
-    assert stderr.strip().splitlines() == [f"fedlora: interrupted after round {done}; continue with: "
-                                           f"fedlora run --resume {out}"], stderr[-3000:]
+    assert stopped.stderr.strip().splitlines() == [f"fedlora: interrupted after round {done}; continue with: "
+                                                   f"fedlora run --resume {out}"], stopped.stderr[-3000:]
     assert not (out / LOCK).exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds_done"] == done

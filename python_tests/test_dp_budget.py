@@ -11,7 +11,6 @@ import torch
 
 from fedlora_ext.dp import PrivacyAccount, default_delta, noise_for_epsilon
 from fedlora_ext.dp.rdp import rdp_epsilon
-from fedlora_ext.federated.checkpoint import save_checkpoint
 from fedlora_ext.federated.client_state import restore_client
 from fedlora_ext.federated.privacy import format_report
 from fedlora_ext.federated.simulation import Simulation, simulate
@@ -96,7 +95,7 @@ def test_resume_keeps_the_guard(tmp_path):
     first = Simulation(config)
     for round_index in range(2):
         first.step(round_index)
-        save_checkpoint(first, round_index + 1, tmp_path)
+        first.save_checkpoint(round_index + 1, tmp_path)
     resumed = Simulation.resume(tmp_path)
     assert resumed.rounds_done == 2
     for client in resumed.clients:

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from fedlora_ext.federated.checkpoint import save_checkpoint
 from fedlora_ext.federated.simulation import Simulation, personal_scope, simulate
 from fedtools import one_thread  # noqa: F401  (autouse fixture)
 from fedtools import small_config
@@ -106,7 +105,7 @@ def test_a_resumed_run_evaluates_as_the_uninterrupted_one(tmp_path):
     first = Simulation(cfg.replace(out_dir=str(cut)))
     cut.mkdir()
     first.step(0)
-    save_checkpoint(first, 1, cut)
+    first.save_checkpoint(1, cut)
     resumed = Simulation.resume(cut)
     resumed.run(progress=False)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora_ext.federated.checkpoint import read_checkpoint, save_checkpoint
+from fedlora_ext.federated.checkpoint import FOLDER, client_entries, read_index
 from fedlora_ext.core.config import FedConfig
 from fedlora_ext.federated.robust import coordinate_median, trimmed_mean, update_norm
 from fedlora_ext.federated.simulation import Simulation, simulate
@@ -60,7 +60,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(method, tmp_path):
     cut.mkdir()
     for round_index in range(stop):  # the rounds before the "crash", checkpointed as run() does
         first.step(round_index)
-        save_checkpoint(first, round_index + 1, cut)
+        first.save_checkpoint(round_index + 1, cut)
     (cut / "adapter.safetensors").unlink(missing_ok=True)
     resumed = Simulation.resume(cut)
     assert resumed.rounds_done == stop
@@ -122,14 +122,19 @@ def test_noise_keys_are_0600_and_nowhere_else(tmp_path):
 
 
 def test_resume_refuses_a_damaged_checkpoint(tmp_path):
-    simulate(small(rounds=2, out_dir=str(tmp_path)), progress=False)
-    index, _ = read_checkpoint(tmp_path)
-    tensor_file = tmp_path / index["tensors_file"]
-    data = bytearray(tensor_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the tensors
-    tensor_file.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="does not match the SHA-256"):
-        Simulation.resume(tmp_path)
+    simulate(small("fedsa_lora", rounds=2, out_dir=str(tmp_path)), progress=False)
+    index = read_index(tmp_path)
+    client_file = next(f"client-{e['cid']}-{e['round']:05d}.safetensors" for e in client_entries(index)
+                       if e["round"] is not None)
+    for name in (index["global"]["file"], client_file):  # the global tensors, then one client's
+        tensor_file = tmp_path / FOLDER / name
+        whole = tensor_file.read_bytes()
+        data = bytearray(whole)
+        data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the file
+        tensor_file.write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=f"resume: .*{name} is missing or does not match the SHA-256"):
+            Simulation.resume(tmp_path)
+        tensor_file.write_bytes(whole)
     with pytest.raises(ValueError, match="has no checkpoint.json"):
         Simulation.resume(tmp_path / "nowhere")
 

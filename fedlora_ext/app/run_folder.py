@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from fedlora_ext.errors import RunError
-from fedlora_ext.federated.checkpoint import write_atomic
+from fedlora_ext.federated.checkpoint import FOLDER as CHECKPOINT_FOLDER
+from fedlora_ext.federated.checkpoint import read_index, write_atomic
 
 LOCK = ".fedlora.lock"
 # files whose presence means "a run was here" (a run's, a Flower run's, or a comparison's)
@@ -39,9 +40,10 @@ MARKERS = ("config.json", "metrics.jsonl", "checkpoint.json", "summary.json", "a
 # everything else fedlora writes into a run folder (patterns), and its folders: a new artefact must be
 # listed here (or in MARKERS), else --overwrite refuses the folder as holding files fedlora did not write
 OTHER_FILES = ("plot.png", "accuracy.png", "final_accuracy.png", "bytes.png", "epsilon.png", "labels.json",
-               "data.json", "checkpoint-*.safetensors", "generations.jsonl", "run.log", LOCK)  # run.log: `--log-file RUN_DIR/run.log`
+               "data.json", "checkpoint-*.safetensors",  # format 1's checkpoint tensors
+               "generations.jsonl", "run.log", LOCK)  # run.log: `--log-file RUN_DIR/run.log`
 # base_model/: a tiny model's base (`fedlora export` starts from it), written through .base_model.tmp/
-FOLDERS = ("keys", "cache", "tensorboard", "base_model", ".base_model.tmp")
+FOLDERS = ("keys", "cache", "tensorboard", "base_model", ".base_model.tmp", CHECKPOINT_FOLDER)
 _COMPARE = ("results.md", "results.json", "compare.json")
 
 
@@ -295,11 +297,10 @@ def _rounds_planned(folder: Path) -> int | None:
 
 
 def checkpoint_rounds(folder: str | Path) -> int | None:
-    """The rounds done of the folder's last checkpoint (None without one)."""
-    folder = Path(folder)
+    """The rounds done of the folder's last checkpoint (None without one, or with a damaged one)."""
     try:
-        return int(json.loads((folder / "checkpoint.json").read_text())["rounds_done"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_index(folder)["rounds_done"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -23,9 +23,8 @@ from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.device import resolve_dtype
 from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.tiny_models import TINY, build_model
-from fedlora_ext.federated.checkpoint import INDEX, unpack_info, read_checkpoint
+from fedlora_ext.federated.checkpoint import INDEX, client_entries, read_index, read_run
 from fedlora_ext.federated.client import ModelBench
-from fedlora_ext.federated.client_state import restore_client
 from fedlora_ext.federated.simulation import BASE_MODEL, client_model, global_model, initial_model
 from fedlora_ext.strategies.base import Strategy, make_strategy
 
@@ -96,13 +95,6 @@ def label_names_of(folder: Path) -> list[str]:
     return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
-def _checkpoint_index(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / INDEX).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _model_task(config: FedConfig) -> str:
     return "causal_lm" if config.task == "sft" else config.task
 
@@ -164,23 +156,8 @@ def load_run(run_dir: str | Path, *, device: str = "cpu") -> RunModels:
     bench = ModelBench(config, model)
     strategy.init_state(initial_model(bench, strategy))  # the strategy's own set-up (standalone's start ...)
     if has_checkpoint:
-        try:
-            index, tensors = read_checkpoint(run_dir)
-        except ValueError as error:
-            raise ValueError(str(error).removeprefix("resume: ")) from None
-        tensors = {k: v.to(bench.device) for k, v in tensors.items() if not k.startswith("rng/")}
-        g = index["global"]
-        state = GlobalState(tensors={n: tensors[f"global/{n}"] for n in g["tensors"]},
-                            base={n: tensors[f"base/{n}"].clone() for n in g["base"]},
-                            info=unpack_info(g["info"], tensors))
-        clients = []
-        for meta in index["clients"]:  # the privacy state (and its key) is not needed to build a model
-            cid = int(meta["cid"])
-            client = restore_client({k: v for k, v in meta.items() if k not in ("privacy", "info")},
-                                    {n: tensors[f"client{cid}/{n}"] for n in meta["tensors"]})
-            client.info = unpack_info(meta["info"], tensors)
-            clients.append(client)
-        rounds_done = int(index["rounds_done"])
+        run = read_run(run_dir, device=bench.device)  # no privacy state (nor keys): not needed for a model
+        state, clients, rounds_done = run.state, run.clients, run.rounds_done
     else:
         from safetensors.torch import load_file
 
@@ -212,16 +189,17 @@ def check_client(run_dir: Path, config: FedConfig, strategy: Strategy, client: i
             raise ValueError(f"method {method!r} has no global model (each client's own model is its model); pass "
                              f"--client K (0..{config.num_clients - 1})")
         return
-    index = _checkpoint_index(run_dir)
+    index = read_index(run_dir) if (run_dir / INDEX).is_file() else None
     if index is None:
         why = ("it holds no trained model yet" if not (run_dir / ADAPTER_FILE).is_file()
                else "a Flower run keeps its clients' state on their nodes")
         raise ValueError(f"--client needs the run's {INDEX} (every client's own tensors); {run_dir} has none ({why})")
-    cids = [int(m["cid"]) for m in index.get("clients", [])]
+    entries = client_entries(index)
+    cids = [int(m["cid"]) for m in entries]
     if client not in cids:
         span = f"0..{max(cids)}" if cids else "none"
         raise ValueError(f"--client {client} is out of range: the run has clients {span}")
-    meta = next(m for m in index["clients"] if int(m["cid"]) == client)
+    meta = next(m for m in entries if int(m["cid"]) == client)
     if not strategy.personalised and not meta.get("tensors") and int(meta["rank"]) == strategy.global_rank():
         raise ValueError(f"method {method!r}: client {client} keeps nothing of its own and trains at the global "
                          "rank, so its model is the global model; leave out --client")

@@ -23,12 +23,7 @@ from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.data.task import build_task
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.errors import RunError
-from fedlora_ext.federated.checkpoint import (
-    read_checkpoint,
-    restore,
-    save_checkpoint,
-    write_atomic,
-)
+from fedlora_ext.federated.checkpoint import CheckpointWriter, RunState, read_index, read_run, write_atomic
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.evaluate import eval_subset, evaluate, evaluate_sft
@@ -85,6 +80,8 @@ class Simulation:
         self.history: list[dict] = []
         self.generations: list[dict] | None = None  # the last round's SFT sample generations
         self.rounds_done = 0
+        self._checkpoints: CheckpointWriter | None = None
+        self._touched: set[int] = set()  # clients sampled since the last checkpoint
 
     @property
     def state(self) -> GlobalState:
@@ -127,6 +124,7 @@ class Simulation:
         trained_any: dict[int, ClientState] = {}
         for attempt in range(self.config.round_retries + 1):
             sampled, refused = self.server.admit(self.server.sample(round_index, self.clients, attempt), round_index)
+            self._touched.update(c.cid for c in sampled)  # the clients a round may change: see save_checkpoint
             exhausted.update(refused)
             replies, trained, errors = self._train_clients(round_index, sampled, attempt, failed, progress)
             trained_any.update((c.cid, c) for c in trained)
@@ -274,7 +272,7 @@ class Simulation:
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
                     append_generations(out_dir, round_index + 1, self.generations)
-                    save_checkpoint(self, round_index + 1, out_dir)
+                    self.save_checkpoint(round_index + 1, out_dir)
                 self.rounds_done = round_index + 1
         finally:
             if out_dir is not None:
@@ -287,18 +285,66 @@ class Simulation:
         check_trained(self.history)
         return SimulationResult(self.history, self.state, self.clients, self.ledger, out_dir, self.strategy, privacy)
 
+    def save_checkpoint(self, rounds_done: int, run_dir: str | Path) -> Path:
+        """Checkpoints the run after ``rounds_done`` rounds into ``run_dir`` (the global state and the clients
+        that changed since the last checkpoint there); returns the index file."""
+        if self._checkpoints is None or self._checkpoints.run_dir != Path(run_dir):
+            self._checkpoints = CheckpointWriter(run_dir)
+        index = self._checkpoints.save(self.run_state(rounds_done), changed=self._touched)
+        self._touched = set()
+        return index
+
+    def run_state(self, rounds_done: int) -> RunState:
+        """The run as a checkpoint holds it (the live objects, not copies)."""
+        server = self.server.privacy
+        return RunState(rounds_done, self.config.to_dict(), self.state, self.clients,
+                        None if server is None else {"history": server.account.history, "offset": server.noise.offset,
+                                                     "seed": server.noise.seed},
+                        self.ledger.rounds, self.history, torch.get_rng_state())
+
     @classmethod
     def resume(cls, run_dir: str | Path) -> Simulation:
         """A run rebuilt from its folder's last checkpoint; ``run()`` continues with the next round.
         Everything is rebuilt from the configuration and seeds as at the start, then the checkpointed
         state replaces what the rounds changed, so the rest of the run is the uninterrupted run's."""
-        index, tensors = read_checkpoint(run_dir)
-        config = FedConfig.from_dict({**index["config"], "out_dir": str(run_dir)})
+        run_dir = Path(run_dir)
+        try:
+            index_config = read_index(run_dir)["config"]
+        except ValueError as error:
+            raise ValueError(f"resume: {error}") from None
+        config = FedConfig.from_dict({**index_config, "out_dir": str(run_dir)})
         torch.manual_seed(config.seed)
         sim = cls(config)
-        check_same_data(sim, Path(run_dir))
-        sim.rounds_done = restore(sim, index, tensors, Path(run_dir))
+        check_same_data(sim, run_dir)
+        try:
+            run = read_run(run_dir, device=sim.bench.device, keys=True)
+        except ValueError as error:
+            raise ValueError(f"resume: {error}") from None
+        sim._restore(run)
+        sim._checkpoints = CheckpointWriter(run_dir, resumed=run)
         return sim
+
+    def _restore(self, run: RunState) -> None:
+        """Puts a checkpointed run into this freshly built one (same config and partition)."""
+        if [c.cid for c in run.clients] != [c.cid for c in self.clients]:
+            raise ValueError("resume: the checkpoint's clients do not match the run's partition")
+        for client, fresh in zip(run.clients, self.clients):
+            if client.privacy is not None and client.privacy.account.target_epsilon is None \
+                    and fresh.privacy is not None:  # a checkpoint from before the budget guard: the config's target
+                client.privacy.account.target_epsilon = fresh.privacy.account.target_epsilon
+        self.clients = run.clients
+        self.state = GlobalState(tensors=run.state.tensors, base={n: t.clone() for n, t in run.state.base.items()},
+                                 info=run.state.info)
+        if run.server_privacy is not None:
+            privacy = self.server.privacy
+            privacy.account.history = run.server_privacy["history"]
+            privacy.noise.seed, privacy.noise.offset = run.server_privacy["seed"], run.server_privacy["offset"]
+        self.server.ledger = CommLedger(rounds=run.ledger)
+        self.history = run.history
+        if self.server.privacy_ledger is not None:
+            self.server.privacy_ledger.replay(self.history, self.clients)
+        torch.set_rng_state(run.rng)
+        self.rounds_done = run.rounds_done
 
     def save_adapter(self, path: Path) -> None:
         save_adapter(path, self.strategy, self.state, self.bench.pristine_base())
