@@ -8,6 +8,7 @@ layer or layers below it, also under ``TYPE_CHECKING`` and inside functions.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,37 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _layout_rows() -> dict[str, str]:
+    """The README's module listing ("Where things are"): each ``fedlora_ext/<folder>/`` row with its
+    continuation lines."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Where things are"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    rows: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        if line.startswith(" ") and current is not None:
+            rows[current] += " " + line.strip()
+        else:
+            current = line.split()[0] if line.strip() else None
+            if current is not None:
+                rows[current] = line[len(current):]
+    return rows
+
+
+def test_the_readme_names_every_folder_and_module():
+    rows = _layout_rows()
+    missing = []
+    for folder in [PACKAGE, *sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))]:
+        key = "fedlora_ext/" + ("" if folder == PACKAGE else f"{folder.name}/")
+        if key not in rows:
+            missing.append(f"{key} (no row)")
+            continue
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", rows[key]))
+        missing += [f"{key}{m.name}" for m in sorted(folder.glob("*.py"))
+                    if not m.name.startswith("_") and m.stem not in words]
+    assert not missing, "not in the README's module listing: " + ", ".join(missing)
+    assert all(Path(PACKAGE.parent, key).exists() for key in rows), [k for k in rows if not Path(PACKAGE.parent, k).exists()]

@@ -5,16 +5,15 @@
 Each job claims its run folder (:mod:`fedlora_ext.app.run_folder`: never another run's, locked while it
 runs). ``run`` ends its folder with ``summary.json`` whose ``status`` is ``completed``, ``failed`` (with
 the error) or ``interrupted``; Ctrl-C ends a job with :class:`JobInterrupted`, whose message is the
-one line the CLI prints. Every job can append its log to a file (``--log-file``, :func:`job_log`) and
-write TensorBoard event files of its rounds (``--tensorboard``, :class:`TensorBoardRounds`)."""
+one line the CLI prints. Every job can append its log to a file (``--log-file``,
+:func:`fedlora_ext.app.job_log.job_log`) and write TensorBoard event files of its rounds
+(``--tensorboard``, :mod:`fedlora_ext.app.tensorboard`)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import json
-import logging
-import logging.handlers
 import os
 import shlex
 import shutil
@@ -36,6 +35,7 @@ from fedlora_ext.app.reporting import (
     plot_run,
     summary_row,
 )
+from fedlora_ext.app.job_log import job_log, job_logger, logged
 from fedlora_ext.app.run_folder import (
     checkpoint_rounds,
     claim,
@@ -43,6 +43,7 @@ from fedlora_ext.app.run_folder import (
     new_run_folder,
     write_json_atomic,
 )
+from fedlora_ext.app.tensorboard import board_for, summary_writer_class, with_board
 from fedlora_ext.strategies import make_strategy, strategy_names
 
 MIB = 2**20
@@ -168,177 +169,6 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     return "  ".join(parts)
 
 
-# ---- --log-file and --tensorboard ----------------------------------------------------------------
-LOG_FILE = "run.log"  # the name run_folder.py knows: a log inside the run folder goes with the run (--overwrite)
-# the job's own lines (what it prints): to the log file only, the console has them from echo
-_job_logger = logging.getLogger("fedlora_ext.job")
-_job_logger.setLevel(logging.INFO)
-_job_logger.propagate = False
-
-
-class LogFormatter(logging.Formatter):
-    """Every line of a record stamped, ``2025-06-01 12:00:03.125 WARNING fedlora_ext.simulation: round 1: ...``;
-    the job's own lines without the logger's name."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.created))}.{int(record.msecs):03d}"
-        who = "" if record.name == _job_logger.name else f"{record.name}: "
-        return "\n".join(f"{stamp} {record.levelname:<7} {who}{line}" for line in text.splitlines() or [""])
-
-
-@contextlib.contextmanager
-def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
-    """With a ``path``: the job's log appended there while the block runs, then the handler removed.
-    It holds what the job prints (``echo`` wrapped by :func:`logged`), the warnings of the library's
-    loggers (``fedlora_ext.*``: failed clients, rejected updates, budget refusals) and, when the block
-    raises, the error (a traceback for an unexpected one) or the interruption. A relative ``path`` is
-    relative to the cwd; its folder must exist, or be ``run_folder`` (the job creates it). The file is
-    opened at the first line (after the job has claimed its folder, so ``--overwrite`` of a run folder
-    holding ``run.log`` starts the log afresh) and reopened if removed. The console is unchanged."""
-    if path is None:
-        yield
-        return
-    given, path = Path(path), Path(path).absolute()
-    if path.is_dir():
-        raise ValueError(f"--log-file {given} is a folder; give a file, e.g. {given / LOG_FILE}")
-    if not path.parent.is_dir() and not (run_folder is not None and path.parent == Path(run_folder).absolute()):
-        raise ValueError(f"--log-file {given}: no folder {given.parent} (create it first, or log into the run "
-                         "folder: --log-file RUN_DIR/run.log)")
-    handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8", delay=True)
-    handler.setFormatter(LogFormatter())
-    library = logging.getLogger("fedlora_ext")
-    # the clients' own log (training loss and steps, which a private client never sends): the file only
-    clients = logging.getLogger("fedlora_ext.client")
-    added = [(library, handler), (_job_logger, handler), (library, _LastResort(handler)), (clients, handler)]
-    for logger, each in added:
-        logger.addHandler(each)
-    before = clients.level, clients.propagate
-    clients.setLevel(logging.INFO)
-    clients.propagate = False
-    try:
-        yield
-    except BaseException as error:
-        if path.parent.is_dir():  # else the job failed before creating the run folder it logs into
-            _log_end(error)
-        raise
-    finally:
-        for logger, each in added:
-            logger.removeHandler(each)
-        clients.setLevel(before[0])
-        clients.propagate = before[1]
-        handler.close()
-
-
-class _LastResort(logging.Handler):
-    """What ``logging.lastResort`` does without our file handler: a library warning that no other handler
-    takes (none configured; opacus, once imported, adds one to the root) still reaches stderr as before."""
-
-    def __init__(self, ours: logging.Handler) -> None:
-        super().__init__(logging.WARNING)
-        self.ours = (ours, self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        logger = logging.getLogger(record.name)
-        while logger is not None:
-            if any(h not in self.ours for h in logger.handlers):
-                return
-            logger = logger.parent if logger.propagate else None
-        if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
-            logging.lastResort.handle(record)
-
-
-def _log_end(error: BaseException) -> None:
-    if isinstance(error, KeyboardInterrupt):
-        _job_logger.warning(f"fedlora: {getattr(error, 'message', 'interrupted')}")
-        return
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    expected = isinstance(error, (ValueError, FileNotFoundError, KeyError, OSError, RunError))  # the CLI's one line
-    _job_logger.error(f"fedlora: error: {message}", exc_info=None if expected else error)
-
-
-def logged(echo):
-    """``echo`` that also sends each of its lines to the log (:func:`job_log`; nowhere without one)."""
-    if getattr(echo, "logs", False):
-        return echo
-
-    def echo_and_log(text="") -> None:
-        echo(text)
-        _job_logger.info(str(text))
-
-    echo_and_log.logs = True
-    return echo_and_log
-
-
-TENSORBOARD_MISSING = '--tensorboard needs the tensorboard package: pip install "fedlora_ext[tensorboard]"'
-
-
-def summary_writer_class():
-    """``torch.utils.tensorboard.SummaryWriter``; RunError (one line) without the tensorboard package."""
-    try:
-        import tensorboard  # noqa: F401 - torch.utils.tensorboard needs it
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise RunError(TENSORBOARD_MISSING) from None
-    return SummaryWriter
-
-
-def round_scalars(metrics: dict) -> dict[str, float]:
-    """TensorBoard's scalars of a round: every number of its metrics.jsonl line but ``round`` (the step)."""
-    return {key: float(value) for key, value in metrics.items()
-            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-class TensorBoardRounds:
-    """Event files in ``<run folder>/tensorboard/``: :func:`round_scalars` of each round at step = round,
-    flushed every round. The writer starts at the first round; a resumed run adds an event file to the
-    folder, purging what a killed run logged after its last checkpoint (``purge_step``)."""
-
-    def __init__(self, run_folder: str | Path) -> None:
-        self.folder = Path(run_folder) / "tensorboard"
-        self.writer = None
-
-    def __call__(self, metrics: dict) -> None:
-        if self.writer is None:
-            first = int(metrics["round"])
-            self.writer = summary_writer_class()(log_dir=str(self.folder), purge_step=first if first > 1 else None)
-        for tag, value in round_scalars(metrics).items():
-            self.writer.add_scalar(tag, value, int(metrics["round"]))
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def _board_for(out: Path | None, tensorboard: bool, *, resumed: bool, echo) -> TensorBoardRounds | None:
-    """The run's TensorBoard writer: asked for, or a resumed run whose folder has event files."""
-    if out is None:
-        return None
-    if not tensorboard and resumed and (out / "tensorboard").is_dir():
-        try:
-            summary_writer_class()
-        except RunError:
-            echo("  note: tensorboard/ is not continued: the tensorboard package is not installed")
-            return None
-        tensorboard = True
-    return TensorBoardRounds(out) if tensorboard else None
-
-
-def _on_round(on_round, board: TensorBoardRounds | None):
-    if board is None:
-        return on_round
-
-    def both(metrics: dict) -> None:
-        on_round(metrics)
-        board(metrics)
-
-    return both
-
-
 def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print,
             overwrite: bool = False, log_file: str | Path | None = None, tensorboard: bool = False) -> dict:
     """One federated run: prints a line per round and a summary, writes the run folder (config,
@@ -383,8 +213,8 @@ def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: b
         simulation = _start_run(config, resume, echo)
         _pause_for_tests(simulation)
         record = True
-        board = _board_for(out, tensorboard, resumed=resume is not None, echo=echo)
-        summary = _finish_run(simulation, simulation.run(progress=progress, on_round=_on_round(
+        board = board_for(out, tensorboard, resumed=resume is not None, echo=echo)
+        summary = _finish_run(simulation, simulation.run(progress=progress, on_round=with_board(
             _round_printer(simulation, echo), board)), started, echo)
     except KeyboardInterrupt:
         with _no_interrupts():
@@ -542,10 +372,10 @@ def _simulate_job(config: FedConfig, *, progress: bool, overwrite: bool, tensorb
     try:
         torch.manual_seed(config.seed)
         simulation = Simulation(config)
-        log_only = _job_logger.info  # the console gets the CLI's JSON lines once the run is over
+        log_only = job_logger.info  # the console gets the CLI's JSON lines once the run is over
         log_only(f"fedlora simulate: {describe(config, simulation)}")
-        board = _board_for(out, tensorboard, resumed=False, echo=log_only)
-        result = simulation.run(progress=progress, on_round=_on_round(_round_printer(simulation, log_only), board))
+        board = board_for(out, tensorboard, resumed=False, echo=log_only)
+        result = simulation.run(progress=progress, on_round=with_board(_round_printer(simulation, log_only), board))
         log_only(f"bytes uploaded {result.ledger.total('up')}, downloaded {result.ledger.total('down')}"
                  + (f"; run folder {result.out_dir}" if result.out_dir else ""))
         if result.privacy:
