@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +188,39 @@ def test_a_crash_during_a_save_leaves_the_previous_round_whole_and_resume_exact(
         assert torch.equal(tensor, load_file(str(cut / "adapter.safetensors"))[name]), name
     assert_same_state(read_run(cut, keys=True), read_run(whole, keys=True))
     assert sorted(files(cut)) == sorted(files(whole)) and not list(cut.glob(".*.tmp"))
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_checkpoint import checkpointed
+from fedlora_ext.federated import checkpoint as ckpt
+sim = checkpointed(Path({cut!r}), rounds=2)
+sim.step(2)
+real, written = ckpt.save_file, []
+def save(tensors, path, metadata=None):
+    if len(written) == 2:  # the global file and one client's are in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    written.append(path)
+    real(tensors, path, metadata=metadata)
+ckpt.save_file = save
+sim.save_checkpoint(3, Path({cut!r}))
+"""
+
+
+def test_a_process_killed_between_files_leaves_the_previous_round_whole(tmp_path):
+    """The same as above with a real SIGKILL of the saving process, not an exception."""
+    whole, cut = uninterrupted(tmp_path / "whole"), tmp_path / "cut"
+    code = KILLED_MID_SAVE.format(tests=str(Path(__file__).parent), cut=str(cut))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert read_index(cut)["rounds_done"] == 2 and len(files(cut)) == 7 + 2  # the index's 7, and the 2 new
+    resumed = Simulation.resume(cut)
+    resumed.run(progress=False)
+    assert_same_state(read_run(cut, keys=True), read_run(whole, keys=True))
+    assert sorted(files(cut)) == sorted(files(whole))
 
 
 def test_the_first_save_after_resume_writes_only_what_changed(tmp_path):
