@@ -166,7 +166,7 @@ class CheckpointWriter:
         files stand: the next save writes only the clients that changed since."""
         self.run_dir = Path(run_dir)
         self._written: dict[int, _Written] = {}
-        self._global_files: list[str] = []
+        self._global_file: str | None = None  # the last save's
         self._swept = False
         self._check_all = resumed is None  # nothing written by this writer yet: look at every client
         self._pending: set[int] = set()  # clients to look at in the next save whatever the caller says
@@ -256,12 +256,12 @@ class CheckpointWriter:
         if self._swept:
             stale = [folder / name for name in (_client_file(cid, w.entry["round"]) for cid, w in self._written.items())
                      if name not in named]
-            stale += [folder / n for n in self._global_files if n not in named]
+            stale += [folder / self._global_file] if self._global_file not in named else []
         else:
             stale = [p for p in folder.iterdir() if p.name not in named]
             stale += list(self.run_dir.glob(_LEGACY_TENSORS))
             self._swept = True
-        self._global_files = [index["global"]["file"]]
+        self._global_file = index["global"]["file"]
         for path in stale:
             path.unlink(missing_ok=True)
 
