@@ -2,7 +2,7 @@
 the run signals, never on how fast it goes.
 
 `fedlora run`: ``paused(env, after_round, path)`` is ``env`` with FEDLORA_TEST_PAUSE_AFTER_ROUND
-(fedlora_ext/jobs.py): the run, once round ``after_round`` is checkpointed, creates ``path`` and waits
+(fedlora_ext/app/jobs.py): the run, once round ``after_round`` is checkpointed, creates ``path`` and waits
 there until a signal ends it or ``path`` is removed. ``wait_for_pause(path, process)`` returns once
 ``path`` exists.
 
