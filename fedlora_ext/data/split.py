@@ -1,13 +1,9 @@
-"""Which splits of a loaded dataset are read, and the seeded train/test split with ``max_examples``.
+"""Stage 3 of the data pipeline, splitting: the seeded train/test split with ``max_examples``.
 
 One rule for every kind of data (classification rows, SFT rows, plain documents), over rows of any shape:
-
-* :func:`choose_splits`: a ``DatasetDict`` with several splits is evaluated on its own ``test`` (else
-  ``validation``) split and trained on ``train`` (else on all its other splits); the splits left out are
-  named. A single ``Dataset`` (or a dict with one split) gets a seeded split.
-* :func:`split_rows`: the own test split as it is (a seeded subset under ``max_examples``), else a seeded
-  ``test_fraction`` of all rows pooled. The random draws depend only on the seed and the row counts, so
-  the same seed picks the same rows whatever the rows hold.
+the own test split (chosen by :mod:`fedlora_ext.data.read`) as it is (a seeded subset under
+``max_examples``), else a seeded ``test_fraction`` of all rows pooled. The random draws depend only on the
+seed and the row counts, so the same seed picks the same rows whatever the rows hold.
 """
 
 from __future__ import annotations
@@ -27,30 +23,12 @@ class Split(NamedTuple):
     notes: list[str]
 
 
-def percent(fraction: float) -> str:
+def _percent(fraction: float) -> str:
     """``0.2`` -> ``"20%"``."""
     return f"{fraction * 100:.4g}%"
 
 
-def choose_splits(loaded) -> tuple[dict, str | None, list[str]]:
-    """(split name -> data to read: the train splits, then the own test split; the own test split, None
-    for a seeded split; the splits not used).
-
-    ``loaded`` is a ``datasets.DatasetDict`` (or a dict of splits) or a single ``Dataset`` (read as the
-    one split ``"data"``). The own test split is ``test``, else ``validation``, when there are several
-    splits; it is trained on ``train`` when there is one, else on every other split."""
-    import datasets
-
-    if isinstance(loaded, (datasets.DatasetDict, dict)):
-        keys = list(loaded)
-        own = next((k for k in ("test", "validation") if k in keys), None) if len(keys) > 1 else None
-        train = (["train"] if "train" in keys else [k for k in keys if k != own]) if own else keys
-        chosen = {k: loaded[k] for k in (*train, *([own] if own else []))}
-        return chosen, own, [k for k in keys if k not in chosen]
-    return {"data": loaded}, None, []
-
-
-def split_rows(parts: dict[str, list], own: str | None, unused: list[str], *, seed: int, test_fraction: float,
+def split(parts: dict[str, list], own: str | None, unused: list[str], *, seed: int, test_fraction: float,
                max_examples: int | None, what: str) -> Split:
     """The train and test rows of ``parts`` (split name -> rows, each row of any shape).
 
@@ -72,7 +50,7 @@ def split_rows(parts: dict[str, list], own: str | None, unused: list[str], *, se
             order = order[:max_examples]
         n_test = round(len(order) * test_fraction)
         train, test = [rows[i] for i in order[n_test:]], [rows[i] for i in order[:n_test]]
-        eval_split = f"a seeded {percent(test_fraction)} split of the data"
+        eval_split = f"a seeded {_percent(test_fraction)} split of the data"
         if len(parts) > 1:
             notes.append(f"splits {list(parts)} were pooled and split again (none is named 'test' or 'validation')")
     else:
