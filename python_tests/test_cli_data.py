@@ -66,7 +66,7 @@ def test_cache_key_changes_with_content_and_settings(tmp_path):
     from transformers import AutoTokenizer
 
     from fedlora_ext.data.fingerprint import token_cache_key
-    from fedlora_ext.data.text import packaged_model_folder
+    from fedlora_ext.data.models import packaged_model_folder
 
     source = packaged_model_folder()
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -282,7 +282,7 @@ def test_a_seq_len_beyond_the_model_is_refused(tmp_path, capsys, monkeypatch):
 def _saved_classifier(folder: Path, labels: list[str]) -> Path:
     import transformers as tf
 
-    from fedlora_ext.data.text import packaged_model_folder
+    from fedlora_ext.data.models import packaged_model_folder
 
     tokenizer = tf.AutoTokenizer.from_pretrained(packaged_model_folder())
     config = tf.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -14,7 +14,7 @@ import torch
 from fedtools import one_thread  # noqa: F401 (autouse: one intra-op thread on the shared cores)
 
 from fedlora_ext.app.cli import main
-from fedlora_ext.data.text import packaged_model_folder
+from fedlora_ext.data.models import packaged_model_folder
 from fedlora_ext.data.tiny_models import build_model
 from fedlora_ext.app.evaluation import evaluate_path
 from fedlora_ext.app.export import export_run

@@ -11,21 +11,21 @@ import json
 
 import pytest
 
-from fedlora_ext.data.sft import (
+from fedlora_ext.data.prompts import (
     ALPACA_NO_INPUT_TEMPLATE,
     ALPACA_TEMPLATE,
     CHAT_GENERATION_PROMPT,
     INSTRUCTION_TEMPLATE,
-    load_sft,
     render_prompt,
-    tokenize_sft,
 )
+from fedlora_ext.data.sft import load_sft
+from fedlora_ext.data.tokenise import tokenize_sft
 
 
 def minilm():
     from transformers import AutoTokenizer
 
-    from fedlora_ext.data.text import packaged_model_folder
+    from fedlora_ext.data.models import packaged_model_folder
 
     return AutoTokenizer.from_pretrained(packaged_model_folder())
 

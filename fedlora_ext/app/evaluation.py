@@ -145,7 +145,7 @@ def load_for_evaluation(path: str | Path, *, client: int | None = None, device: 
     check_client(path, config, strategy, client)
     run = load_run(path, device=device)
     model = run.global_model() if client is None else run.client_model(client)
-    from fedlora_ext.data.text import resolve_model
+    from fedlora_ext.data.models import resolve_model
 
     base = run.base_source or resolve_model(config.model)
     return Loaded(model, "run folder" if client is None else f"run folder, client {client}", run.label_names,

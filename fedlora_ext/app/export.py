@@ -235,7 +235,7 @@ def _generation(run: RunModels, model: nn.Module):
         return None
     from transformers import GenerationConfig
 
-    from fedlora_ext.data.sft import end_token_id, leading_special_ids
+    from fedlora_ext.data.prompts import end_token_id, leading_special_ids
 
     ids = {"eos_token_id": end_token_id(run.tokenizer), "pad_token_id": run.tokenizer.pad_token_id}
     lead = leading_special_ids(run.tokenizer)
@@ -250,7 +250,7 @@ def _generation(run: RunModels, model: nn.Module):
 
 def _sft_format(run: RunModels) -> str | None:
     """The run's SFT format, from the note its data.json keeps ("<format> format; ..."); None if unknown."""
-    from fedlora_ext.data.sft import FORMATS, PACKAGED_INSTRUCTIONS
+    from fedlora_ext.data.prompts import FORMATS, PACKAGED_INSTRUCTIONS
 
     if run.config.dataset in PACKAGED_INSTRUCTIONS:
         return "prompt_response"
@@ -311,7 +311,7 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
         info["generation"] = {k: getattr(generation, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
         files.append(GENERATION)
     if config.task == "sft" and run.tokenizer is not None:
-        from fedlora_ext.data.sft import prompt_template
+        from fedlora_ext.data.prompts import prompt_template
 
         info["prompt_template"] = prompt_template(_sft_format(run), run.tokenizer, config.dataset)
         (folder / PROMPT).write_text(json.dumps(info["prompt_template"], indent=2))

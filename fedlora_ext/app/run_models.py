@@ -101,14 +101,14 @@ def _model_task(config: FedConfig) -> str:
 
 def tokenizer_for(config: FedConfig, model_name: str):
     """The run's tokenizer (the packaged MiniLM one for tiny models), with its pad token."""
-    from fedlora_ext.data.task import load_tokenizer
+    from fedlora_ext.data.models import load_tokenizer
 
     return load_tokenizer(config, model_name)[0]
 
 
 def _build_base(run_dir: Path, config: FedConfig, label_names: list[str]):
     """(base model as the run built it, its folder or None, the tokenizer or None, notes)."""
-    from fedlora_ext.data.text import resolve_model
+    from fedlora_ext.data.models import resolve_model
 
     task = _model_task(config)
     if config.task == "sft":

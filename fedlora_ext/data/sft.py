@@ -25,7 +25,7 @@ Each split is a ``datasets.Dataset`` with the columns:
 * ``prompt`` (str): the prompt as given, not yet templated. ``prompt_response`` / ``question_answer``: the
   text itself. ``alpaca``: the JSON object ``{"instruction": ..., "input": ...}`` (``input`` ``""`` when
   absent). ``chat``: the JSON list of the prompt messages, each ``{"role", "content"}`` (other keys dropped).
-  :func:`render_prompt` turns it into the text the model sees.
+  :func:`fedlora_ext.data.prompts.render_prompt` turns it into the text the model sees.
 * ``response`` (str): the target text.
 * ``category`` (int): the category id (``category_column``'s value, or a packaged corpus's label), 0 when
   there is none. Ids follow :func:`fedlora_ext.data.labels.order_labels` (numbers in numeric order, else
@@ -41,30 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora_ext.data.fingerprint import SFT_TOKENIZE_FORMAT, sft_fingerprint
 from fedlora_ext.data.pipeline import DataSpec, prepare
-from fedlora_ext.data.prompts import (
-    ALPACA_NO_INPUT_TEMPLATE,
-    ALPACA_TEMPLATE,
-    CHAT_GENERATION_PROMPT,
-    CHAT_MESSAGE_TEMPLATE,
-    CHAT_ROLES,
-    FORMAT_COLUMNS,
-    FORMATS,
-    INSTRUCTION_TEMPLATE,
-    PACKAGED_INSTRUCTIONS,
-    TEMPLATES,
-    end_token_id,
-    leading_special_ids,
-    prompt_template,
-    render_prompt,
-)
-from fedlora_ext.data.tokenise import tokenize_sft
-
-__all__ = ["ALPACA_NO_INPUT_TEMPLATE", "ALPACA_TEMPLATE", "CHAT_GENERATION_PROMPT", "CHAT_MESSAGE_TEMPLATE",
-           "CHAT_ROLES", "FORMATS", "FORMAT_COLUMNS", "INSTRUCTION_TEMPLATE", "PACKAGED_INSTRUCTIONS",
-           "SFT_TOKENIZE_FORMAT", "SFTData", "TEMPLATES", "end_token_id", "leading_special_ids", "load_sft",
-           "prompt_template", "render_prompt", "sft_fingerprint", "tokenize_sft"]
 
 
 @dataclass
@@ -72,7 +49,7 @@ class SFTData:
     """Instruction data split into train and test (``datasets.Dataset`` with ``prompt``, ``response``,
     ``category``, ``format``; see the module docstring).
 
-    ``format`` is the detected format name (one of :data:`FORMATS`); ``category_names`` give the category ids
+    ``format`` is the detected format name (one of :data:`fedlora_ext.data.prompts.FORMATS`); ``category_names`` give the category ids
     their meaning (id i is ``category_names[i]``; empty when there are no categories and every id is 0);
     ``eval_split`` says in a short phrase what the test set is; ``notes`` are lines for the run's header (rows
     dropped, splits unused, other formats' columns present); ``fingerprint`` is a SHA-256 of the content

@@ -24,7 +24,6 @@ from fedlora_ext.data.tiny_models import (
     check_seq_len,
 )
 
-__all__ = ["Task", "build_task", "load_tokenizer"]
 
 
 @dataclass

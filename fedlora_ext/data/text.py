@@ -1,20 +1,12 @@
 """Labelled texts and plain documents, untokenised: :func:`load_text` and :func:`load_documents` run the
 data pipeline (:mod:`fedlora_ext.data.pipeline`) up to its tables, for tests and tools that look at the
-rows a run would train and evaluate on.
-
-The names the rest of the package imported from here (models, tokenising) stay importable."""
+rows a run would train and evaluate on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora_ext.data.models import PACKAGED_MODEL, packaged_model_folder, resolve_model
 from fedlora_ext.data.pipeline import DataSpec, prepare
-from fedlora_ext.data.read import LABEL_COLUMNS, PACKAGED_DATASETS, TEXT_COLUMNS
-from fedlora_ext.data.tokenise import tokenize
-
-__all__ = ["LABEL_COLUMNS", "PACKAGED_DATASETS", "PACKAGED_MODEL", "TEXT_COLUMNS", "TextData", "load_documents",
-           "load_text", "packaged_model_folder", "resolve_model", "tokenize"]
 
 
 @dataclass
