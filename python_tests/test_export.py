@@ -9,14 +9,12 @@ fedlora_ext/ without _C would shadow the installed one)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fedtools import fedlora, finish, one_error_line, start_fedlora
 from fedtools import one_thread  # noqa: F401 (autouse: one intra-op thread on the shared cores)
 
 from fedlora_ext.data.synthetic import synthetic_dataset
@@ -28,7 +26,6 @@ from fedlora_ext.federated.evaluate import evaluate
 
 TARGETS = {"tiny-bert": ("query", "value"), "tiny-gpt2": ("c_attn",), "tiny-llama": ("q_proj", "v_proj")}
 EXACT = 1e-5
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def run(folder: Path, method: str = "fedit", model: str = "tiny-bert", task: str = "classification",
@@ -66,20 +63,6 @@ def load_peft(folder: Path, auto):
     with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return PeftModel.from_pretrained(auto.from_pretrained(base), str(folder))
-
-
-def fedlora(*args, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedlora_ext", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=timeout, check=False)
-
-
-def one_error_line(done, *needles: str) -> str:
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedlora: error: "), done.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---- runs shared by the tests of this module ------------------------------------------------------------
@@ -429,12 +412,9 @@ def test_cli_bad_input_is_one_line(bert_synthetic, tmp_path):
         (("evaluate", folder, "--dataset", "synthetic", "--set", "nope=1"), ("unknown key 'nope'",)),
     ]
     for pair in range(0, len(cases), 2):
-        started = [(subprocess.Popen([sys.executable, "-m", "fedlora_ext", *map(str, args)], cwd=tmp_path, env=ENV,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), needles)
-                   for args, needles in cases[pair:pair + 2]]
+        started = [(start_fedlora(*args, cwd=tmp_path), needles) for args, needles in cases[pair:pair + 2]]
         for process, needles in started:
-            stdout, stderr = process.communicate(timeout=300)
-            one_error_line(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), *needles)
+            one_error_line(finish(process), *needles)
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
     # an earlier export is replaced with --overwrite

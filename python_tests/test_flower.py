@@ -24,16 +24,18 @@ from fedlora_ext.core.validation import RejectedUpdate  # noqa: E402
 from fedlora_ext.flower import FedLoRAStrategy, FlowerRunError, config_from_run_config  # noqa: E402
 from fedlora_ext.flower.client_app import app as client_app  # noqa: E402
 from fedlora_ext.flower.records import from_arrays, to_arrays  # noqa: E402
+from fedtools import method_extras  # noqa: E402
 from flowertools import InMemoryGrid  # noqa: E402
 
 CLIENTS = 3
-METHODS = {  # method -> config changes (ranks per node come from node_config where heterogeneous)
+METHODS = {  # method -> config changes on top of fedtools.METHOD_EXTRAS (ranks per node come from
+    # node_config where heterogeneous)
     "fedit": {},
     "ffa_lora": {},
-    "fedprox": {"fedprox_mu": 0.01},
+    "fedprox": {},
     "fedsa_lora": {},
-    "fedsa_rslora": {"rslora": True},
-    "fedsa_vera": {"adapter": "vera"},
+    "fedsa_rslora": {},
+    "fedsa_vera": {},
     "flora": {"client_ranks": (8, 4, 2), "rank": 8},
     "hetlora": {"client_ranks": (8, 4, 2), "rank": 8, "hetlora_gamma": 0.5},
     "lora_a2": {"client_ranks": (2, 1, 1), "rank": 4},
@@ -44,7 +46,7 @@ METHODS = {  # method -> config changes (ranks per node come from node_config wh
 
 def small(method: str, **changes) -> FedConfig:
     values = {"method": method, "model": "tiny-bert", "num_clients": CLIENTS, "rounds": 2, "local_steps": 2,
-              "num_examples": 96, "rank": 4, **METHODS.get(method, {}), **changes}
+              "num_examples": 96, "rank": 4, **method_extras(method), **METHODS.get(method, {}), **changes}
     return FedConfig(**values)
 
 

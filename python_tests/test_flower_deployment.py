@@ -105,9 +105,10 @@ class Deployment:
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         return ["flwr", "run", str(APP), connection, "--stream", "--run-config", overrides]
 
-    def run(self, run_config: dict, timeout: float = 420.0) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(run_config), env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+    def run(self, run_config: dict, connection: str = "local", timeout: float = 420.0) -> subprocess.CompletedProcess:
+        """`flwr run` to its end on ``connection`` (a name in FLWR_HOME's config.toml), output captured."""
+        return subprocess.run(self.command(run_config, connection), env=self.env, cwd=self.root, capture_output=True,
+                              text=True, timeout=timeout)
 
     def run_interrupted(self, run_config: dict, interrupt, after_round: int = 1, timeout: float = 600.0) -> str:
         """`flwr run` with the server paused once round ``after_round`` is recorded: ``interrupt()`` runs
@@ -127,6 +128,12 @@ class Deployment:
                 os.killpg(run.pid, signal.SIGKILL)
                 run.wait(timeout=10)
         return log.read_text()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL to process ``name``'s group (a supernode and the ClientApps it started); returns once
+        the process is gone."""
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait(timeout=10)
 
     def stop(self) -> None:
         for process in self.processes.values():  # by id: the process group each child leads
@@ -220,8 +227,7 @@ def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
     deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     out = tmp_path / "run"
     run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "dp-noise-seed": 5})
-    result = subprocess.run(deployment.command(run_config, "sim"), env=deployment.env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    result = deployment.run(run_config, "sim")  # from tmp_path, the deployment's root
     assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
     assert_matches_simulator(run_config, out, tmp_path / "simulated")
 
@@ -234,12 +240,7 @@ def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, 
     run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "rounds": 3, "min-clients": 2,
                                    "dp-epsilon": "none"})
     deployment.start([f"partition-id={i} num-partitions=3" for i in range(3)])
-
-    def kill_node_2() -> None:
-        os.killpg(deployment.processes["supernode2"].pid, signal.SIGKILL)
-        deployment.processes["supernode2"].wait(timeout=10)
-
-    output = deployment.run_interrupted(run_config, kill_node_2)
+    output = deployment.run_interrupted(run_config, lambda: deployment.kill("supernode2"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed", output[-3000:] + deployment.logs()
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -267,8 +268,7 @@ def test_a_restarted_supernode_keeps_its_budget_and_never_reuses_noise(deploymen
     deployment.start(node_configs)
 
     def restart_node_0() -> None:
-        os.killpg(deployment.processes["supernode0"].pid, signal.SIGKILL)
-        deployment.processes["supernode0"].wait(timeout=10)
+        deployment.kill("supernode0")
         deployment.start_supernode("supernode0-restarted", node_configs[0])
         deployment.wait_registered("supernode0-restarted")  # round 2 must not start before it is online
 

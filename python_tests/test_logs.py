@@ -11,38 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from fedlora_ext.app.cli import main
-from pausing import paused, wait_for_pause
+from fedtools import TINY, ctrl_c_after_round, fedlora, one_error_line
 
-TINY = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "num_examples=48", "--set", "seq_len=16",
-        "--set", "batch_size=16", "--quiet"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (INFO|WARNING|ERROR) {1,4}")
 TENSORBOARD_MISSING = ('fedlora: error: --tensorboard needs the tensorboard package: '
                        'pip install "fedlora_ext[tensorboard]"')
-
-
-def fedlora(*args, cwd: Path, timeout: float = 300, python: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, *(python or ["-m", "fedlora_ext"]), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout)
-
-
-def one_error_line(done, *needles: str) -> str:
-    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedlora: error: "), done.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def messages(log: Path, level: str | None = None) -> list[str]:
@@ -216,24 +196,16 @@ def test_tensorboard_scalars_are_the_metrics_of_each_round(tmp_path):
 
 def test_a_resumed_run_continues_its_event_files(tmp_path):
     pytest.importorskip("tensorboard")
-    from fedlora_ext.federated.checkpoint import read_checkpoint
+    from fedlora_ext.federated.checkpoint import read_index
 
     from torch.utils.tensorboard import SummaryWriter
 
     out, pause = tmp_path / "run", tmp_path / "paused"
-    run = subprocess.Popen([sys.executable, "-m", "fedlora_ext", "run", *TINY, "--rounds", "3", "--out", str(out),
-                            "--tensorboard"], cwd=tmp_path, env=paused(ENV, 1, pause), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_pause(pause, run)  # round 1 checkpointed, round 2 not started
-        run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 130, stderr[-3000:]
-    assert read_checkpoint(out)[0]["rounds_done"] == 1
+    # paused with round 1 checkpointed and round 2 not started
+    stopped = ctrl_c_after_round("run", *TINY, "--rounds", "3", "--out", out, "--tensorboard", cwd=tmp_path,
+                                 pause=pause)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert read_index(out)["rounds_done"] == 1
     # what a run killed after logging round 2 but before checkpointing it leaves: a step the resume redoes
     with SummaryWriter(log_dir=str(out / "tensorboard")) as stray:
         stray.add_scalar("test_accuracy", 99.0, 2)

@@ -17,12 +17,12 @@ worst measured 0.3 u (SGD), 6.6 u (AdamW); a different draw would miss the budge
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import cuda_kernels_available
+from fedtools import fedlora, method_extras
 
 from fedlora_ext.core import adapters
 from fedlora_ext.core.config import FedConfig
@@ -40,15 +40,13 @@ UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11, "float32": 2.0**-24}
 BUDGET = {("sgd", "bfloat16"): 8, ("sgd", "float16"): 16, ("adamw", "bfloat16"): 24, ("adamw", "float16"): 512}
 #: SGD at a step large enough to move every tensor; AdamW, the default, at its default learning rate
 OPTIMIZERS = {"sgd": {"optimizer": "sgd", "lr": 0.5}, "adamw": {"optimizer": "adamw", "lr": FedConfig().lr}}
-EXTRAS = {"fedprox": {"fedprox_mu": 0.1}, "fedsa_rslora": {"rslora": True}, "fedsa_vera": {"adapter": "vera"},
-          "flora": {"client_ranks": (4, 2)}, "hetlora": {"client_ranks": (4, 2)}}
 
 
 def config(method: str, dtype: str, dp: bool, optimizer: str = "sgd", **changes) -> FedConfig:
     values = dict(method=method, rounds=1, local_steps=2, num_clients=2, num_examples=48, seq_len=8, rank=4,
                   batch_size=8, **OPTIMIZERS[optimizer], eval_examples=8, device="cpu", model_dtype=dtype,
                   dp_noise_multiplier=1.0 if dp else None, dp_noise_seed=3 if dp else None)
-    return FedConfig(**{**values, **EXTRAS.get(method, {}), **changes})
+    return FedConfig(**{**values, **method_extras(method, two_clients=True), **changes})
 
 
 def run_tensors(cfg: FedConfig) -> dict[str, torch.Tensor]:
@@ -181,8 +179,7 @@ def test_bad_settings_are_one_line_errors(key, value, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu_is_one_line_from_the_cli(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fedlora_ext", "run", "--preset", "fedit", "--device", "cuda",
-                           "--out", str(tmp_path / "r")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = fedlora("run", "--preset", "fedit", "--device", "cuda", "--out", tmp_path / "r", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("fedlora: error: device 'cuda': torch "), lines
@@ -191,8 +188,7 @@ def test_cuda_without_gpu_is_one_line_from_the_cli(tmp_path):
 
 
 def test_bad_dtype_from_the_cli(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fedlora_ext", "run", "--preset", "fedit", "--dtype", "half",
-                           "--out", str(tmp_path / "r")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = fedlora("run", "--preset", "fedit", "--dtype", "half", "--out", tmp_path / "r", cwd=tmp_path)
     assert done.returncode == 2
     assert "model_dtype must be one of auto, float32, bfloat16, float16, got 'half'" in done.stderr
     assert "Traceback" not in done.stderr

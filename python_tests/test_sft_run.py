@@ -8,11 +8,10 @@ decoder models (tiny-gpt2, tiny-llama); nothing is downloaded.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from fedtools import fedlora, method_extras
 
 from fedlora_ext.core import adapters
 from fedlora_ext.core.config import FedConfig
@@ -20,7 +19,6 @@ from fedlora_ext.data.task import build_task
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.dp.sgd import summed_loss
 from fedlora_ext.federated import Simulation, simulate
-from fedlora_ext.federated.checkpoint import save_checkpoint
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.federated.evaluate import evaluate
 from fedlora_ext.core.state import GlobalState
@@ -149,13 +147,12 @@ def test_generation_exact_match_rises_on_a_task_a_tiny_model_learns(yes_file):
     assert evaluate(model, test)["exact_match"] == 1.0
 
 
-SFT_EXTRAS = {"fedprox": {"fedprox_mu": 0.1}, "fedsa_rslora": {"rslora": True}, "fedsa_vera": {"adapter": "vera"},
-              "flora": {"client_ranks": (4, 2)}, "hetlora": {"client_ranks": (4, 2)}}
 
 
 @pytest.mark.parametrize("method", strategy_names())
 def test_every_method_runs_sft_with_dp_sgd(method, data_file):
-    config = sft_config(data_file, method=method, dp_epsilon=8.0, dp_noise_seed=1, **SFT_EXTRAS.get(method, {}))
+    config = sft_config(data_file, method=method, dp_epsilon=8.0, dp_noise_seed=1,
+                        **method_extras(method, two_clients=True))
     last = simulate(config, progress=False).history[-1]
     key = "test" if "test_perplexity" in last else "personal"
     assert last[f"{key}_perplexity"] > 1 and 0 <= last[f"{key}_exact_match"] <= 1
@@ -181,7 +178,7 @@ def test_resume_of_an_sft_run_is_the_uninterrupted_run(data_file, tmp_path):
     torch.manual_seed(config.seed)
     first = Simulation(config.replace(out_dir=str(cut)))  # makes the folder (its token cache)
     first.step(0)
-    save_checkpoint(first, 1, cut)
+    first.save_checkpoint(1, cut)
     resumed = Simulation.resume(cut)
     resumed.run(progress=False)
     drop = ("seconds", "seconds_train", "seconds_dp", "seconds_aggregate", "seconds_eval")
@@ -226,11 +223,9 @@ def test_synthetic_data_has_no_instructions():
 
 
 def test_cli_sft_run_prints_perplexity_and_exact_match(data_file, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fedlora_ext", "run", "--preset", "fedit", "--task", "sft",
-                           "--model", "tiny-gpt2", "--dataset", data_file, "--rounds", "1", "--clients", "2",
-                           "--local-steps", "1", "--set", "seq_len=24", "--set", "category_column=category",
-                           "--out", str(tmp_path / "r"), "--quiet"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = fedlora("run", "--preset", "fedit", "--task", "sft", "--model", "tiny-gpt2", "--dataset", data_file,
+                   "--rounds", "1", "--clients", "2", "--local-steps", "1", "--set", "seq_len=24",
+                   "--set", "category_column=category", "--out", tmp_path / "r", "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(Dirichlet 0.5 over categories)" in done.stdout
     assert "note: prompt_response format; categories: colour, thing" in done.stdout
@@ -244,6 +239,5 @@ def test_cli_sft_run_prints_perplexity_and_exact_match(data_file, tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "r" / "generations.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {s["round"] for s in samples} == {1}
     assert all(set(s) == {"round", "prompt", "reference", "output"} and s["prompt"] and s["reference"] for s in samples)
-    status = subprocess.run([sys.executable, "-m", "fedlora_ext", "status", str(tmp_path / "r")], capture_output=True,
-                            text=True, timeout=120)
+    status = fedlora("status", tmp_path / "r", cwd=tmp_path, timeout=120)
     assert "final test perplexity" in status.stdout, status.stdout
