@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from fedlora_ext.core.config import FedConfig
 from fedlora_ext.federated.robust import coordinate_median, trimmed_mean, update_norm
 from fedlora_ext.federated.simulation import Simulation, simulate
 from fedlora_ext.strategies.base import fedavg_weights
+from fedtools import cli_env, fedlora, start_fedlora
 from pausing import paused, wait_for_pause
 
 
@@ -80,14 +78,11 @@ def test_killed_run_resumes_from_the_command_line(tmp_path):
              "--set", "num_examples=128", "--set", "rank=4", "--set", "dp_noise_seed=7", "--set", "seq_len=16",
              "--set", "batch_size=16", "--quiet"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-m", "fedlora_ext", "run", *flags, "--out", str(whole)], check=True, cwd=tmp_path,
-                   env=env, capture_output=True, timeout=600)
+    uninterrupted = fedlora("run", *flags, "--out", whole, cwd=tmp_path, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     stop = random.Random(0).randint(1, 4)
     pause = tmp_path / "paused"
-    process = subprocess.Popen([sys.executable, "-m", "fedlora_ext", "run", *flags, "--out", str(cut)], cwd=tmp_path,
-                               env=paused(env, stop, pause), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+    process = start_fedlora("run", *flags, "--out", cut, cwd=tmp_path, env=paused(cli_env(), stop, pause))
     try:
         wait_for_pause(pause, process)
         process.send_signal(signal.SIGKILL)
@@ -95,10 +90,9 @@ def test_killed_run_resumes_from_the_command_line(tmp_path):
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=30)
-    done = json.loads((cut / "checkpoint.json").read_text())["rounds_done"]
+    done = read_index(cut)["rounds_done"]
     assert done == stop, done
-    resumed = subprocess.run([sys.executable, "-m", "fedlora_ext", "run", "--resume", str(cut), "--quiet"], cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = fedlora("run", "--resume", cut, "--quiet", cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after round {done} of 6" in resumed.stdout
     assert_same_adapter(whole / "adapter.safetensors", cut / "adapter.safetensors")
