@@ -15,7 +15,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from fedlora_ext.data.labels import _label_missing, _where, refuse_unless, valid
+from fedlora_ext.data.labels import label_missing, rows_where, refuse_unless, valid
 from fedlora_ext.data.prompts import CHAT_ROLES, FORMAT_COLUMNS
 
 
@@ -113,7 +113,7 @@ def sft_rows(raw_parts: dict[str, dict[str, list]], fmt: str, what: str, categor
                 no_response.append(where)
             if not prompt_ok:
                 no_prompt.append(where)
-            if category_column is not None and _label_missing(categories[i], class_names):
+            if category_column is not None and label_missing(categories[i], class_names):
                 no_category.append(where)
             rows.append((prompt, response, categories[i]))
         parts[split] = rows
@@ -121,11 +121,11 @@ def sft_rows(raw_parts: dict[str, dict[str, list]], fmt: str, what: str, categor
         (split, i), why = malformed[0]
         first = f"{split}:{i + 1}" if several else str(i + 1)
         raise ValueError(f"{what}: {len(malformed)} row(s) have malformed chat messages in column 'messages' "
-                         f"({_where([w for w, _ in malformed], several)}); row {first}: {why}; each row must be a "
+                         f"({rows_where([w for w, _ in malformed], several)}); row {first}: {why}; each row must be a "
                          "list of {role, content} with roles system/user/assistant, the last one the assistant's")
     if non_text_input:
         raise ValueError(f"{what}: {len(non_text_input)} row(s) have a non-text value in column 'input' "
-                         f"({_where(non_text_input, several)}); expected text (or an empty cell)")
+                         f"({rows_where(non_text_input, several)}); expected text (or an empty cell)")
     notes = [f"column {c!r} holds integers; read as their decimal text" for c in sorted(integers)]
     if not (no_response or no_prompt or no_category):
         return parts, notes

@@ -23,7 +23,8 @@ def _natural(name: str) -> tuple:
     return (0, int(name.strip()), name) if _INTEGER.fullmatch(name.strip()) else (1, 0, name)
 
 
-def _label_missing(value, class_names) -> bool:
+def label_missing(value, class_names) -> bool:
+    """None, NaN, a blank string, or a ClassLabel's -1 (no label)."""
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -37,7 +38,9 @@ def _text_bad(value) -> bool:
     return not isinstance(value, str) or not value.strip()
 
 
-def _where(rows: list[tuple[str, int]], several: bool) -> str:
+def rows_where(rows: list[tuple[str, int]], several: bool) -> str:
+    """Where ``rows`` (split, index) are, for an error line: 1-based row numbers (with the split when the
+    data has ``several``)."""
     shown = ", ".join(f"{split}:{i + 1}" if several else str(i + 1) for split, i in rows[:_SHOWN])
     more = ", ..." if len(rows) > _SHOWN else ""
     where = f"rows {shown}{more} as split:row" if several else f"data rows {shown}{more}"
@@ -47,7 +50,7 @@ def _where(rows: list[tuple[str, int]], several: bool) -> str:
 def refuse_unless(drop: bool, what: str, found: list[tuple[list, str]], several: bool) -> None:
     """Refuses invalid rows in one line, unless ``drop``: ``found`` holds (rows, what is wrong with them),
     each said with its count and first row numbers."""
-    problems = [f"{len(rows)} row(s) have {wrong} ({_where(rows, several)})" for rows, wrong in found if rows]
+    problems = [f"{len(rows)} row(s) have {wrong} ({rows_where(rows, several)})" for rows, wrong in found if rows]
     if problems and not drop:
         raise ValueError(f"{what}: {' and '.join(problems)}; fix them, or drop such rows with "
                          "--set drop_invalid_rows=true")
@@ -68,7 +71,7 @@ def clean_rows(parts: dict[str, tuple[list, list]], *, what: str, text_column: s
     several = len(parts) > 1
     bad_labels, bad_texts = [], []
     for split, (texts, labels) in parts.items():
-        bad_labels += [(split, i) for i, v in enumerate(labels) if _label_missing(v, class_names)]
+        bad_labels += [(split, i) for i, v in enumerate(labels) if label_missing(v, class_names)]
         bad_texts += [(split, i) for i, v in enumerate(texts) if _text_bad(v)]
     if not bad_labels and not bad_texts:
         return parts, []

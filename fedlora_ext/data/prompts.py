@@ -20,8 +20,9 @@ FORMAT_COLUMNS = {
     "question_answer": ("question", "answer"),
 }
 FORMATS = tuple(FORMAT_COLUMNS)
-_EXPECTED = ("chat (messages), alpaca (instruction, output; optional input), prompt/response (prompt, response), "
-             "question/answer (question, answer)")
+#: the formats and their columns, as an error line names them
+EXPECTED_FORMATS = ("chat (messages), alpaca (instruction, output; optional input), prompt/response (prompt, "
+                    "response), question/answer (question, answer)")
 CHAT_ROLES = ("system", "user", "assistant")
 
 #: the prompt the packaged corpora become: instruction, a blank line, then the article or tweet

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 
-from fedlora_ext.data.prompts import _EXPECTED, FORMAT_COLUMNS, FORMATS, PACKAGED_INSTRUCTIONS
+from fedlora_ext.data.prompts import EXPECTED_FORMATS, FORMAT_COLUMNS, FORMATS, PACKAGED_INSTRUCTIONS
 from fedlora_ext.data.sources import installed_folder, load_source
 
 #: the column names looked for, in order, when text_column / label_column is not given
@@ -178,7 +178,7 @@ def _detect_format(chosen, what) -> tuple[str, list[str]]:
     found = [f for f, needed in FORMAT_COLUMNS.items() if all(c in columns for c in needed)]
     if not found:
         raise ValueError(f"{what}: no SFT format recognised from its columns {columns}; expected one of: "
-                         f"{_EXPECTED}")
+                         f"{EXPECTED_FORMATS}")
     fmt, notes = found[0], []
     if len(found) > 1:
         notes.append(f"columns of the format(s) {found[1:]} are also present; read as {fmt} (precedence: "
