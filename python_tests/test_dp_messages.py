@@ -21,8 +21,7 @@ from fedlora_ext.core.config import MeaninglessEpsilonWarning
 from fedlora_ext.dp import PrivacyAccount
 from fedlora_ext.dp.rdp import conversion_floor, default_orders, delta_for_floor, rdp_epsilon
 from fedlora_ext.federated import FedConfig, Simulation
-from fedtools import small_config
-from test_cli_config import _cli, _one_error_line
+from fedtools import fedlora, one_error_line, small_config
 
 CLIENT = dict(who="client 0 (n = 20)", population=20, sample_rate=0.2, max_steps=10)
 
@@ -118,10 +117,10 @@ def test_both_paths_name_their_own_accountant_key(changes, key):
     (["simulate", "--no-dp", "--set", "dp_epsilon=2"], ["--set dp_epsilon=2", "--no-dp"]),
     (["run", "--set", "dp_noise_multiplier=0.5", "--no-dp"], ["--set dp_noise_multiplier=0.5", "--no-dp"]),
 ])
-def test_no_dp_with_a_dp_setting_is_a_one_line_conflict(args, names):
+def test_no_dp_with_a_dp_setting_is_a_one_line_conflict(args, names, tmp_path):
     """Promise: asking for DP and for no DP at once stops with one line naming both flags (exit 2, no
     traceback) instead of silently training without DP."""
-    line = _one_error_line(_cli(*args))
+    line = one_error_line(fedlora(*args, cwd=tmp_path))
     assert "conflict" in line and all(name in line for name in names), line
 
 
