@@ -214,7 +214,7 @@ def test_a_process_killed_between_files_leaves_the_previous_round_whole(tmp_path
     whole, cut = uninterrupted(tmp_path / "whole"), tmp_path / "cut"
     code = KILLED_MID_SAVE.format(tests=str(Path(__file__).parent), cut=str(cut))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})  # outside the checkout
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert read_index(cut)["rounds_done"] == 2 and len(files(cut)) == 7 + 2  # the index's 7, and the 2 new
     resumed = Simulation.resume(cut)
