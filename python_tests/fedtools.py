@@ -88,15 +88,17 @@ class LayerView:
     scaling: float | None
     vera_d: Tensor | None = None
     vera_b: Tensor | None = None
+    R: Tensor | None = None  # LoRA-SB's [r, r] between A and B (Fed-SB): the update is s B R A
 
     def weight_oi(self) -> Tensor:
         """The base weight as [out, in], float64."""
         return (self.W.T if self.conv1d else self.W).double()
 
     def effective(self, scaling: float | None = None) -> Tensor:
-        """``W + s B A`` as [out, in], float64 (LoRA layers)."""
+        """``W + s B A`` (with R: ``W + s B R A``) as [out, in], float64 (LoRA layers)."""
         s = self.scaling if scaling is None else scaling
-        return self.weight_oi() + s * (self.B.double() @ self.A.double())
+        middle = self.B.double() if self.R is None else self.B.double() @ self.R.double()
+        return self.weight_oi() + s * (middle @ self.A.double())
 
 
 def layer_views(model: nn.Module) -> dict[str, LayerView]:
@@ -111,7 +113,8 @@ def layer_views(model: nn.Module) -> dict[str, LayerView]:
                 A=module.lora_A["default"].weight.detach().clone(),
                 B=module.lora_B["default"].weight.detach().clone(),
                 W=base.weight.detach().clone(), conv1d=isinstance(base, Conv1D),
-                scaling=float(module.scaling["default"]))
+                scaling=float(module.scaling["default"]),
+                R=module.lora_A["default"].R.weight.detach().clone() if hasattr(module.lora_A["default"], "R") else None)
         elif vera is not None and "default" in vera:
             base = module.base_layer
             views[name.removeprefix(PEFT_PREFIX)] = LayerView(
@@ -216,6 +219,24 @@ class Recorder:
         strategy.local_update = recording_local_update
         strategy.upload = recording_upload
         strategy.aggregate = recording_aggregate
+
+
+def assert_alternating_freeze(rec: Recorder) -> None:
+    """Rounds 1, 3, ... train B only and rounds 2, 4, ... A only (LoRA-A2, RoLoRA): on every client the
+    trained factor moved and the other is bit-for-bit as it started; the server leaves the other as it was."""
+    for (round_index, cid), views in rec.finished.items():
+        trained, frozen = ("B", "A") if round_index % 2 == 0 else ("A", "B")
+        moved = False
+        for module, view in views.items():
+            start = rec.started[(round_index, cid)][module]
+            assert torch.equal(getattr(view, frozen), getattr(start, frozen)), f"round {round_index}: {frozen} moved"
+            moved |= not torch.equal(getattr(view, trained), getattr(start, trained))
+        assert moved, f"round {round_index}, client {cid}: {trained} never moved"
+    for record in rec.rounds:
+        frozen = "lora_A" if record.index % 2 == 0 else "lora_B"
+        for name, t in record.before.tensors.items():
+            if name.endswith(frozen):
+                assert torch.equal(record.after.tensors[name], t), f"round {record.index}: the server moved {name}"
 
 
 def run_recorded(config: FedConfig, **kwargs) -> tuple[Simulation, Recorder]:

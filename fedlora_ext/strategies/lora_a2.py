@@ -7,8 +7,8 @@ top ``budget * N`` ranks jointly across all N modules, restarts from the round's
 local steps with the update masked to them. It uploads only the selected rank slices of the update and
 their indices (int32). The server adds B <- B + sum_k w_k (dB_k * M_k), w_k = n_k / n, unrenormalised.
 
-Download: the factor the server updated last round (and the head); a client that skipped that round
-gets both factors. Each client keeps the frozen factor of its round, which is the global one.
+The alternation, the download (the factor updated last round, both factors after a skipped round) and
+what a client keeps are :class:`~fedlora_ext.strategies.alternating.Alternating`'s, shared with RoLoRA.
 
 Heterogeneous budgets: ``client_ranks`` are then per-client budgets (ranks per module on average);
 every client's adapter has the global ``rank``.
@@ -24,8 +24,8 @@ from fedlora_ext import ops
 from fedlora_ext.core import adapters
 from fedlora_ext.core.state import GlobalState
 from fedlora_ext.core.validation import RejectedUpdate, check_tensors
+from fedlora_ext.strategies.alternating import Alternating
 from fedlora_ext.strategies.base import (
-    Strategy,
     average_tensors,
     factor_kind,
     fedavg_weights,
@@ -35,7 +35,7 @@ from fedlora_ext.strategies.base import (
 
 
 @register
-class LoRAA2(Strategy):
+class LoRAA2(Alternating):
     name = "lora_a2"
 
     def validate(self, config) -> None:
@@ -49,26 +49,8 @@ class LoRAA2(Strategy):
     def global_rank(self) -> int:
         return self.config.rank
 
-    def factor(self, round_index: int) -> str:
-        return "lora_B" if round_index % 2 == 0 else "lora_A"
-
-    def trainable(self, round_index: int) -> dict[str, bool]:
-        trains_b = self.factor(round_index) == "lora_B"
-        return {"A": not trains_b, "B": trains_b, "head": True}
-
     def budget(self, cid: int) -> float:
         return float(self.config.client_ranks[cid]) if self.config.client_ranks else self.config.lora_a2_budget
-
-    def download(self, state: GlobalState, client, round_index: int):
-        everything = super().download(state, client, round_index)
-        if round_index > 0 and client.info.get("last_round") == round_index - 1:
-            updated = self.factor(round_index - 1)  # the client still holds the other factor
-            return {n: t for n, t in everything.items() if factor_kind(n) in (updated, "head")}
-        return everything
-
-    def keep(self, model, client, round_index: int):
-        frozen = "lora_A" if self.factor(round_index) == "lora_B" else "lora_B"
-        return {n: p.detach().clone() for n, p in adapters.adapter_parameters(model).items() if factor_kind(n) == frozen}
 
     def scoring_steps(self, num_examples: int) -> int:
         """Steps of the scoring epoch: one pass over the local data, at most ``local_steps``."""
