@@ -15,6 +15,7 @@ Formats:
   in peft's own names; a classification head rides in ``modules_to_save``), with ``base_model_name_or_path``
   naming the base folder. Refused for FLoRA / FedEx-LoRA: their global model includes updates merged
   into the base weights, which no adapter carries.
+  Fed-SB's update s B R A is carried exactly as an ordinary adapter with B' = B R (``adapters.fold_latent``).
 * ``merged``: ``merge_and_unload()`` saved as a transformers model folder (safetensors) with
   ``id2label`` / ``label2id`` in its config and the tokenizer (none for synthetic-token runs).
 
@@ -264,6 +265,7 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
     notes = list(run.notes)
     base_source = run.base_source
     generation = _generation(run, model)
+    adapters.fold_latent(model)  # Fed-SB's s B R A as an ordinary adapter, B' = B R (no-op for other methods)
     if fmt == "peft":
         final = base_source
         if base_source is None:  # an old tiny run: its rebuilt base goes into the export

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora_ext import ops
+from fedlora_ext.core.latent import LatentDown
 
 _PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -34,6 +35,8 @@ class AdapterSpec:
         target_modules: names (suffixes) of the Linear / Conv1D modules to adapt.
         rslora: rsLoRA scaling (Kalajdzievski 2023).
         dropout: LoRA dropout.
+        latent: LoRA-SB's trainable ``[r, r]`` matrix R between A and B (update ``s B R A``; Fed-SB),
+            exchanged as ``"<module>.lora_R"``.
     """
 
     kind: str = "lora"
@@ -42,10 +45,13 @@ class AdapterSpec:
     target_modules: tuple[str, ...] = ("query", "value")
     rslora: bool = False
     dropout: float = 0.0
+    latent: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("lora", "vera"):
             raise ValueError(f"AdapterSpec.kind must be 'lora' or 'vera', got {self.kind!r}")
+        if self.latent and self.kind != "lora":
+            raise ValueError(f"AdapterSpec.latent (LoRA-SB's R) needs kind 'lora', got {self.kind!r}")
         if self.rank < 1:
             raise ValueError(f"AdapterSpec.rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
@@ -120,7 +126,11 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, task_type: str, rank: in
                             fan_in_fan_out=fan_in_fan_out)
     with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if spec.latent:
+        for layer in adapter_layers(model).values():
+            layer.lora_A[ADAPTER] = LatentDown(layer.lora_A[ADAPTER])
+    return model
 
 
 def _linear_like(module: nn.Module) -> bool:
@@ -140,11 +150,14 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _layer_params(layer: nn.Module) -> dict[str, nn.Parameter]:
     if hasattr(layer, "vera_lambda_d") and ADAPTER in layer.vera_lambda_d:
         return {"vera_d": layer.vera_lambda_d[ADAPTER], "vera_b": layer.vera_lambda_b[ADAPTER]}
-    return {"lora_A": layer.lora_A[ADAPTER].weight, "lora_B": layer.lora_B[ADAPTER].weight}
+    params = {"lora_A": layer.lora_A[ADAPTER].weight, "lora_B": layer.lora_B[ADAPTER].weight}
+    if isinstance(layer.lora_A[ADAPTER], LatentDown):
+        params["lora_R"] = layer.lora_A[ADAPTER].R.weight
+    return params
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every adapter parameter as ``"<module>.<lora_A|lora_B|vera_d|vera_b>"`` -> the live Parameter."""
+    """Every adapter parameter as ``"<module>.<lora_A|lora_B|lora_R|vera_d|vera_b>"`` -> the live Parameter."""
     return {f"{name}.{kind}": p for name, layer in adapter_layers(model).items() for kind, p in _layer_params(layer).items()}
 
 
@@ -195,11 +208,11 @@ def write_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
             target.copy_(value)
 
 
-def set_trainable(model: nn.Module, *, A: bool = True, B: bool = True, head: bool = True) -> None:
-    """Freezes or unfreezes the A factors, B factors (VeRA: d and b vectors) and the head."""
+def set_trainable(model: nn.Module, *, A: bool = True, B: bool = True, head: bool = True, R: bool = True) -> None:
+    """Freezes or unfreezes the A factors, B factors (VeRA: d and b vectors), LoRA-SB's R and the head."""
     for name, p in adapter_parameters(model).items():
         kind = name.rsplit(".", 1)[1]
-        p.requires_grad_(A if kind in ("lora_A", "vera_d") else B)
+        p.requires_grad_(R if kind == "lora_R" else A if kind in ("lora_A", "vera_d") else B)
     for p in head_parameters(model).values():
         p.requires_grad_(head)
 
@@ -210,7 +223,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def reset_adapters(model: nn.Module, generator_seed: int) -> None:
-    """Re-initialises every LoRA layer as peft does for a fresh adapter (A Kaiming-uniform, B zero),
+    """Re-initialises every LoRA layer as peft does for a fresh adapter (A Kaiming-uniform, B zero; R zero),
     reproducibly from ``generator_seed``. VeRA's trainable vectors are reset to their defaults."""
     state = torch.random.get_rng_state()
     torch.manual_seed(generator_seed)
@@ -220,8 +233,24 @@ def reset_adapters(model: nn.Module, generator_seed: int) -> None:
                 layer.reset_vera_parameters(ADAPTER, d_initial=0.1)
             else:
                 layer.reset_lora_parameters(ADAPTER, True)
+                if isinstance(layer.lora_A[ADAPTER], LatentDown):
+                    with torch.no_grad():
+                        layer.lora_A[ADAPTER].R.weight.zero_()
     finally:
         torch.random.set_rng_state(state)
+
+
+def fold_latent(model: nn.Module) -> None:
+    """Turns every LoRA-SB layer into plain peft LoRA with the same update: B <- B R, R removed (exact:
+    s (B R) A = s B R A up to float32 rounding), so ``save_pretrained`` and ``merge_and_unload`` see an
+    ordinary adapter. In place: the model has no R afterwards."""
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            down = layer.lora_A[ADAPTER] if ADAPTER in getattr(layer, "lora_A", {}) else None  # VeRA: none
+            if isinstance(down, LatentDown):
+                B = layer.lora_B[ADAPTER].weight
+                B.copy_((B.double() @ down.R.weight.double()).to(B.dtype))
+                layer.lora_A[ADAPTER] = down.plain()
 
 
 def base_weights(model: nn.Module) -> dict[str, Tensor]:
