@@ -1,0 +1,77 @@
+"""FlexLoRA (Bai et al., NeurIPS'24, arXiv 2402.11505): heterogeneous client ranks r_k, A and B trained.
+
+Server: the full-size update dW = sum_k p_k s_k B_k A_k (p_k = n_k / n over the round's replies,
+s_k the client's LoRA scale) and its SVD dW = U S V^T, taken from the stacked factors
+(:mod:`fedlora_ext.strategies.lowrank`; the [m, n] dW is never formed). Download: client k gets the
+rank-r_k truncation split with sqrt(S) on each side and its scale undone,
+B_k = U_r sqrt(S_r / s_k), A_k = sqrt(S_r / s_k) V_r^T, so s_k B_k A_k is exactly U_r S_r V_r^T (a
+public version puts all of S on one side and gets the product wrong; this split is the paper's
+intent and keeps B and A on one scale). Upload: B_k and A_k, r_k (m + n) per layer; the head is averaged.
+
+The global model is dW itself, exactly, as the paper's global model is the full-size aggregate: the
+server keeps it factored at rank G = sum of all client ranks (the largest rank dW can have), with
+scale s_G, B_G = U sqrt(S / s_G) and A_G = sqrt(S / s_G) V^T zero-padded to G, so that evaluation and
+export see W0 + dW, and every client's download is the first r_k components of B_G, A_G rescaled by
+sqrt(s_G / s_k). Components whose singular value is 0 (dW of rank below r_k, e.g. a round where only
+small-rank clients replied) download as zero rows and columns, as the paper's rule gives them.
+
+Private by construction: under DP-SGD the uploads are the noised factors and the SVD is
+post-processing. DP-FedAvg is refused: the server step is not an average of same-shaped uploads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora_ext.core.state import ClientState, GlobalState
+from fedlora_ext.strategies.base import (
+    Strategy,
+    average_tensors,
+    factor_kind,
+    fedavg_weights,
+    register,
+)
+from fedlora_ext.strategies.lowrank import stacked_svd, truncated_factors
+
+
+@register
+class FlexLoRA(Strategy):
+    name = "flexlora"
+
+    def global_rank(self) -> int:
+        """G = the sum of every client's rank: dW of any round has rank at most G."""
+        return sum(self.config.ranks())
+
+    def download(self, state: GlobalState, client: ClientState, round_index: int):
+        """The first r_k components of the global factors, rescaled from s_G to the client's s_k once
+        they are an SVD split (before the first aggregation B = 0 and A is the shared initialisation,
+        sent as it is so that every client starts from the usual LoRA initialisation at its rank)."""
+        ratio = (self.scaling(self.global_rank()) / self.scaling(client.rank)) ** 0.5 if state.info.get("svd") else 1.0
+        out = {}
+        for name, tensor in state.tensors.items():
+            kind = factor_kind(name)
+            if kind == "lora_A":
+                out[name] = (tensor[: client.rank] * ratio).contiguous()
+            elif kind == "lora_B":
+                out[name] = (tensor[:, : client.rank] * ratio).contiguous()
+            else:
+                out[name] = tensor.clone()
+        return out
+
+    def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
+        p = fedavg_weights(replies).double()
+        ranks = [next(t.shape[0] for n, t in r.tensors.items() if factor_kind(n) == "lora_A") for r in replies]
+        weights = p * torch.tensor([self.scaling(rank) for rank in ranks], dtype=torch.float64)  # p_k s_k
+        G = self.global_rank()
+        s_G = self.scaling(G)
+        updated = {}
+        modules = sorted({n.rsplit(".", 1)[0] for n in replies[0].tensors if factor_kind(n) == "lora_A"})
+        for module in modules:
+            a, b = f"{module}.lora_A", f"{module}.lora_B"
+            U, S, Vh = stacked_svd([r.tensors[b] for r in replies], [r.tensors[a] for r in replies], weights)
+            B, A = truncated_factors(U, S, Vh, G, s_G)
+            updated[a] = A.to(state.tensors[a].dtype)
+            updated[b] = B.to(state.tensors[b].dtype)
+        heads = [n for n in replies[0].tensors if factor_kind(n) == "head"]
+        updated.update(average_tensors(replies, heads, fedavg_weights(replies)))
+        return GlobalState(tensors={**state.tensors, **updated}, base=state.base, info={**state.info, "svd": True})
