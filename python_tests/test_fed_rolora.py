@@ -125,3 +125,24 @@ def test_dp_fedavg_noises_only_the_trained_factor():
         for name, t in before.items():
             moved = not torch.equal(after[name], t)
             assert moved == (not name.endswith(frozen)), (round_index, name)
+
+
+def test_server_momentum_steps_only_the_trained_factor_and_the_head():
+    """FedAvgM (v = beta v + d, x += lr v, d = average - x) over RoLoRA's aggregate, recomputed in float64:
+    round 1 steps B and the head, round 2 A and the head (whose momentum carries round 1's d)."""
+    lr, beta = 1.5, 0.9
+    config = small_config("rolora", rounds=2, local_steps=2, server_optimizer="fedavgm", server_lr=lr,
+                          server_momentum=beta)
+    sim, rec = run_recorded(config)
+    first, second = rec.rounds
+    d1 = {n: first.after.tensors[n].double() - first.before.tensors[n].double() for n in first.replies[0].tensors}
+    d2 = {n: second.after.tensors[n].double() - second.before.tensors[n].double() for n in second.replies[0].tensors}
+    assert all(n.endswith("lora_B") or n.startswith("head.") for n in d1)
+    assert all(n.endswith("lora_A") or n.startswith("head.") for n in d2)
+    for name, t in first.before.tensors.items():
+        x1 = second.before.tensors[name].double()
+        want1 = t.double() + lr * d1[name] if name in d1 else t.double()
+        torch.testing.assert_close(x1, want1, rtol=1e-6, atol=1e-7)
+        v2 = beta * d1[name] + d2[name] if name in d1 and name in d2 else d2.get(name)
+        want2 = x1 + lr * v2 if v2 is not None else x1
+        torch.testing.assert_close(sim.state.tensors[name].double(), want2, rtol=1e-6, atol=1e-7)

@@ -199,3 +199,22 @@ def test_bad_configuration_is_one_line(changes, needle):
     with pytest.raises(ValueError) as error:
         Simulation(small_config("fed_sb", **changes))
     assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_server_adam_steps_R_and_the_head_from_the_average():
+    """FedAdam over Fed-SB's average (Reddi et al., Algorithm 2: m_0 = 0, v_0 = tau^2, no bias
+    correction), recomputed in float64: x1 = x0 + lr m / (sqrt(v) + tau), m = (1 - b1) d,
+    v = b2 tau^2 + (1 - b2) d^2; B and A untouched."""
+    lr, b1, b2, tau = 0.5, 0.9, 0.99, 1e-3
+    config = small_config("fed_sb", rounds=1, local_steps=2, server_optimizer="fedadam", server_lr=lr,
+                          server_beta1=b1, server_beta2=b2, server_tau=tau)
+    sim, rec = run_recorded(config)
+    record = rec.rounds[0]
+    for name, x0 in record.before.tensors.items():
+        got = sim.state.tensors[name].double()
+        if name.endswith(("lora_A", "lora_B")):
+            assert torch.equal(sim.state.tensors[name], x0)
+            continue
+        d = record.after.tensors[name].double() - x0.double()
+        m, v = (1 - b1) * d, b2 * tau ** 2 + (1 - b2) * d * d
+        torch.testing.assert_close(got, x0.double() + lr * m / (v.sqrt() + tau), rtol=1e-5, atol=1e-7)
