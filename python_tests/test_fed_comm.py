@@ -129,3 +129,29 @@ def test_lora_a2_downloads_only_the_factor_updated_last_round():
     for client in sim.clients:  # round 2 trained A: the client kept the frozen B, still the global one
         kept = {n: t for n, t in client.tensors.items() if n.endswith("lora_B")}
         assert kept and all((t == sim.state.tensors[n]).all() for n, t in kept.items())
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_rolora_sends_the_trained_factor(model):
+    """RoLoRA: round 1 uploads B (r m per layer) and the head, round 2 A (r n per layer) and the head; the
+    first download is both factors, the second only B, which round 1 updated (the client kept A)."""
+    config, sim = run("rolora", model)
+    shapes, head = layer_shapes(config), head_bytes(config)
+    b = sum(config.rank * m * F32 for m, n in shapes) + head
+    a = sum(config.rank * n * F32 for m, n in shapes) + head
+    everyone = [c.cid for c in sim.clients]
+    assert _per_client(sim, 0, "up") == dict.fromkeys(everyone, b)
+    assert _per_client(sim, 1, "up") == dict.fromkeys(everyone, a)
+    assert _per_client(sim, 0, "down") == dict.fromkeys(everyone, a + b - head)
+    assert _per_client(sim, 1, "down") == dict.fromkeys(everyone, b)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fed_sb_sends_r_squared_per_layer_whatever_its_width(model):
+    """Fed-SB: up and down are R, r^2 floats per layer whatever (m, n) is (tiny-bert's 32 x 32 layers and
+    GPT-2's 96 x 32 c_attn alike), plus the head."""
+    config, sim = run("fed_sb", model)
+    expected = len(layer_shapes(config)) * config.rank ** 2 * F32 + head_bytes(config)
+    for round_index in range(2):
+        for direction in ("up", "down"):
+            assert _per_client(sim, round_index, direction) == {c.cid: expected for c in sim.clients}
