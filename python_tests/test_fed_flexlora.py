@@ -16,13 +16,13 @@ from fedtools import one_thread  # noqa: F401  (autouse fixture)
 from fedtools import fedavg_p, layer_views, lora_scale, pristine_weights, run_recorded, small_config
 
 RANKS = (4, 2, 1)
-G = sum(RANKS)  # the global adapter's rank
+G = sum(RANKS)  # the global adapter's rank (``rank``): the global model is then dW itself
 
 
 @functools.lru_cache(maxsize=None)
-def recorded(dp: bool = False, rslora: bool = False):
+def recorded(dp: bool = False, rslora: bool = False, global_rank: int = G):
     changes = dict(dp_noise_multiplier=1.0, dp_noise_seed=5, dp_max_grad_norm=1.0) if dp else {}
-    config = small_config("flexlora", rank=4, client_ranks=RANKS, rounds=3, local_steps=3, rslora=rslora,
+    config = small_config("flexlora", rank=global_rank, client_ranks=RANKS, rounds=3, local_steps=3, rslora=rslora,
                           dirichlet_alpha=1.0, **changes)
     return config, *run_recorded(config)
 
@@ -46,25 +46,30 @@ def truncation(dW: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (U[:, :r] * S[:r]) @ Vh[:r], S
 
 
-@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
-def test_global_is_the_weighted_sum_of_products(dp):
-    """After every round s_G B_G A_G = dW (float64 oracle) and B_G^T B_G = A_G A_G^T = diag(S) / s_G:
-    the global factors are dW's SVD split sqrt(S) on each side; the head is FedAvg."""
-    config, sim, rec = recorded(dp)
-    s_G = lora_scale(config, G)
+@pytest.mark.parametrize("dp, global_rank", [(False, G), (True, G), (False, 4)],
+                         ids=["plain", "dp-sgd", "global-rank-4"])
+def test_global_is_the_weighted_sum_of_products(dp, global_rank):
+    """After every round s_G B_G A_G is dW's best rank-G approximation (float64 oracle: dW itself at
+    G = sum r_k = 7, its rank-4 truncation at G = 4), and B_G^T B_G = A_G A_G^T = diag(S_G) / s_G: the
+    global factors are dW's SVD split sqrt(S) on each side; the head is FedAvg."""
+    config, sim, rec = recorded(dp, global_rank=global_rank)
+    s_G = lora_scale(config, global_rank)
     assert len(rec.rounds) == config.rounds
     for record in rec.rounds:
         assert sorted(r.cid for r in record.replies) == [0, 1, 2]
         for module in modules_of(record):
             dW = oracle_dW(config, record, module)
+            expected, S = truncation(dW, global_rank)
+            if global_rank == G:
+                torch.testing.assert_close(expected, dW, rtol=0, atol=1e-12 * float(S[0]))
             A_G = record.after.tensors[f"{module}.lora_A"].double()
             B_G = record.after.tensors[f"{module}.lora_B"].double()
-            assert A_G.shape[0] == G and B_G.shape[1] == G
-            scale = float(torch.linalg.norm(dW))
+            assert A_G.shape[0] == global_rank and B_G.shape[1] == global_rank
+            scale = float(torch.linalg.norm(expected))
             assert scale > 0
-            assert float(torch.linalg.norm(s_G * B_G @ A_G - dW)) <= 1e-5 * scale
-            S = torch.linalg.svdvals(dW)[:G]
-            diag = torch.diag(torch.cat([S, S.new_zeros(G - S.numel())]) / s_G)
+            assert float(torch.linalg.norm(s_G * B_G @ A_G - expected)) <= 1e-5 * scale
+            S_G = S[:global_rank]
+            diag = torch.diag(torch.cat([S_G, S_G.new_zeros(global_rank - S_G.numel())]) / s_G)
             torch.testing.assert_close(B_G.T @ B_G, diag, rtol=0, atol=1e-5 * float(S[0]) / s_G)
             torch.testing.assert_close(A_G @ A_G.T, diag, rtol=0, atol=1e-5 * float(S[0]) / s_G)
         p = fedavg_p(record.replies)
@@ -148,8 +153,10 @@ def test_global_model_is_base_plus_dW():
 @pytest.mark.parametrize("changes, needle", [
     (dict(server_dp_noise_multiplier=0.5), "server DP (DP-FedAvg) needs a method that averages"),
     (dict(aggregation="median"), "aggregation 'median' replaces an average"),
+    (dict(rank=2), "flexlora: rank (the global adapter's rank) must be >= every client rank, got rank = 2 and "
+                   "client_ranks [4, 2, 1]"),
 ])
 def test_refusals(changes, needle):
-    with pytest.raises(ValueError, match=r"^.*got method 'flexlora'") as error:
-        Simulation(small_config("flexlora", client_ranks=RANKS, **changes))
+    with pytest.raises(ValueError) as error:
+        Simulation(small_config("flexlora", **{"rank": 4, "client_ranks": RANKS, **changes}))
     assert needle in str(error.value) and "\n" not in str(error.value)

@@ -12,17 +12,37 @@ Download: B and the head every round, and A (r n per layer) when it was re-facto
 last trained (its kept copy is then stale); until the first re-factorisation A is the one every client
 derives from the run's shared seed, as in FFA-LoRA, and costs no bytes.
 
-DP: B's update is an average of same-shaped uploads, so DP-FedAvg (and a robust statistic) can replace
-it; the re-factorisation runs in ``end_round``, after whichever aggregation produced B, and uses only
-the aggregate: post-processing of a DP output, no privacy cost. Under DP-SGD the upload is the noised B.
+DP: B's update is an average of same-shaped uploads, so DP-FedAvg, a robust statistic and a server
+optimizer can replace or follow it; the re-factorisation runs in ``end_round``, after whichever of them
+produced B, and uses only the aggregate: post-processing of a DP output, no privacy cost. Under DP-SGD
+the upload is the noised B. A server optimizer's moments of B are carried into the new basis
+(:func:`rotate_moments`), so its next step means what it meant before the re-factorisation.
 """
 
 from __future__ import annotations
+
+import torch
 
 from fedlora_ext.core import adapters
 from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.strategies.base import Strategy, factor_kind, register
 from fedlora_ext.strategies.lowrank import svd_of_product
+
+#: where a server optimizer keeps its moments in ``GlobalState.info`` (``server_optimizer.INFO_KEY``)
+SERVER_OPTIMIZER = "server_optimizer"
+
+
+def rotate_moments(moments: dict, name: str, change: torch.Tensor) -> None:
+    """Carries a server optimizer's moments of B into the new basis B' = B M (``change`` = M [r, r]), in
+    place. A pseudo-gradient d of B moves W by d A = (d M) A' whenever A's rows lie in the span of
+    A' = V_r^T (B A of rank r), so the first moment (FedAvgM's buffer, Adam's m), linear in d, becomes
+    m' = m M and m' A' = m A; the second moment v ~ d^2 per coordinate has no exact image: it takes the
+    variance of d M for independent coordinates, v' = v (M * M) (exact when M is a signed permutation)."""
+    first, second = moments.get("m", {}), moments.get("v", {})
+    if name in first:
+        first[name] = (first[name].double() @ change).to(first[name].dtype)
+    if name in second:
+        second[name] = (second[name].double() @ (change * change)).to(second[name].dtype)
 
 
 @register
@@ -65,14 +85,18 @@ class FedSVD(Strategy):
         if state.info["aggregations"] % self.config.svd_period:
             return
         for name in [n for n in state.tensors if factor_kind(n) == "lora_A"]:
-            module = name.rsplit(".", 1)[0]
-            A, B = state.tensors[name], state.tensors[f"{module}.lora_B"]
+            b = f"{name.rsplit('.', 1)[0]}.lora_B"
+            A, B = state.tensors[name], state.tensors[b]
             r = A.shape[0]
             U, S, Vh = svd_of_product(B, A)
             k = min(r, S.shape[0])  # below r only when r > min(m, n): the extra rows stay zero
             new_A, new_B = A.new_zeros(A.shape), B.new_zeros(B.shape)
             new_A[:k] = Vh[:k].to(A.dtype)
             new_B[:, :k] = (U[:, :k] * S[:k]).to(B.dtype)
-            state.tensors[name], state.tensors[f"{module}.lora_B"] = new_A, new_B
+            state.tensors[name], state.tensors[b] = new_A, new_B
+            # B A V_r = U_r S_r: the new B is the old one in the basis M = A V_r [r, r]
+            change = A.new_zeros(r, r, dtype=torch.float64)
+            change[:, :k] = A.double() @ Vh[:k].T
+            rotate_moments(state.info.get(SERVER_OPTIMIZER, {}), b, change)
         # the latest round any client trained in: a client that trained then or earlier holds a stale A
         state.info["refactored_after"] = max((c.info.get("last_round", -1) for c in clients), default=-1)

@@ -4,14 +4,17 @@ Server: the full-size update dW = sum_k p_k s_k B_k A_k (p_k = n_k / n over the 
 s_k the client's LoRA scale) and its SVD dW = U S V^T, taken from the stacked factors
 (:mod:`fedlora_ext.strategies.lowrank`; the [m, n] dW is never formed). Download: client k gets the
 rank-r_k truncation split with sqrt(S) on each side and its scale undone,
-B_k = U_r sqrt(S_r / s_k), A_k = sqrt(S_r / s_k) V_r^T, so s_k B_k A_k is exactly U_r S_r V_r^T (a
-public version puts all of S on one side and gets the product wrong; this split is the paper's
-intent and keeps B and A on one scale). Upload: B_k and A_k, r_k (m + n) per layer; the head is averaged.
+B_k = U_r sqrt(S_r / s_k), A_k = sqrt(S_r / s_k) V_r^T, so s_k B_k A_k is exactly U_r S_r V_r^T (one
+public version puts all of S on one side and loses a factor; sqrt(S) on each side also keeps B and A
+on one scale). Upload: B_k and A_k, r_k (m + n) per layer; the head is averaged.
 
-The global model is dW itself, exactly, as the paper's global model is the full-size aggregate: the
-server keeps it factored at rank G = sum of all client ranks (the largest rank dW can have), with
-scale s_G, B_G = U sqrt(S / s_G) and A_G = sqrt(S / s_G) V^T zero-padded to G, so that evaluation and
-export see W0 + dW, and every client's download is the first r_k components of B_G, A_G rescaled by
+The global model: the server keeps dW's SVD split at the global rank G = ``rank`` (validated >= every
+client rank), with scale s_G: B_G = U_G sqrt(S_G / s_G), A_G = sqrt(S_G / s_G) V_G^T, zero-padded
+where dW has fewer than G components. Evaluation and export see W0 + s_G B_G A_G, the best rank-G
+approximation of dW (Eckart-Young), which IS dW whenever G >= rank(dW) (at most the sum of the round's
+client ranks, and min(m, n)): set ``rank`` to the sum of the client ranks, or to the adapted layers'
+width, for the paper's full-size global model; ``rank`` = the largest client rank keeps the global at
+the largest rank. Every client's download is the first r_k components of B_G, A_G rescaled by
 sqrt(s_G / s_k). Components whose singular value is 0 (dW of rank below r_k, e.g. a round where only
 small-rank clients replied) download as zero rows and columns, as the paper's rule gives them.
 
@@ -38,9 +41,15 @@ from fedlora_ext.strategies.lowrank import stacked_svd, truncated_factors
 class FlexLoRA(Strategy):
     name = "flexlora"
 
+    def validate(self, config) -> None:
+        super().validate(config)
+        if config.rank < max(config.ranks()):
+            raise ValueError(f"flexlora: rank (the global adapter's rank) must be >= every client rank, got rank = "
+                             f"{config.rank} and client_ranks {list(config.ranks())}")
+
     def global_rank(self) -> int:
-        """G = the sum of every client's rank: dW of any round has rank at most G."""
-        return sum(self.config.ranks())
+        """G = ``rank``: the global model is dW's best rank-G approximation (dW itself when G >= rank(dW))."""
+        return self.config.rank
 
     def download(self, state: GlobalState, client: ClientState, round_index: int):
         """The first r_k components of the global factors, rescaled from s_G to the client's s_k once
