@@ -71,5 +71,9 @@ class Trainer(Protocol):
     """What a strategy's ``local_update`` may call: local steps on the client's data
     (``fedlora_ext.federated.client.LocalTrainer``)."""
 
+    #: optimizer steps taken so far, and this round's learning rate (SCAFFOLD's K and lr)
+    steps: int
+    lr: float
+
     def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None,
-              masks: Mapping[str, Tensor] | None = None) -> float: ...
+              masks: Mapping[str, Tensor] | None = None, correction: Mapping[str, Tensor] | None = None) -> float: ...

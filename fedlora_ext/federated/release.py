@@ -27,7 +27,8 @@ PUBLIC = "public under the adjacency: covered"
 
 #: every field of a private client's training reply, simulator (``Reply``) and Flower record alike
 TRAIN_REPLY = {
-    "tensors / arrays": f"the uploaded factors after noised steps; {DP_OUTPUT}",
+    "tensors / arrays": f"the uploaded factors after noised steps (SCAFFOLD: and dc_k = (x - y) / (K lr) - c, from "
+                        f"them and the public c, K, lr); {DP_OUTPUT}",
     "num_examples / metrics.num-examples": f"n_k, the FedAvg weight; {PUBLIC}",
     "metrics.epsilon": f"the spend so far, a function of sigma, q and the steps the server asked; {PUBLIC}",
     "metrics.rank (Flower)": f"the client's rank after HetLoRA's pruning of its noised factors; {DP_OUTPUT}",

@@ -20,6 +20,7 @@ from fedlora_ext.federated.client import derive_seed
 from fedlora_ext.federated.comm import CommLedger, payload_bytes
 from fedlora_ext.federated.robust import robust_update, update_norm
 from fedlora_ext.strategies.base import Strategy
+from fedlora_ext.strategies.server_optimizer import ServerOptimizer
 
 if TYPE_CHECKING:
     from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy
@@ -45,6 +46,9 @@ class Server:
         # the server's own count of every client's DP-SGD steps (sample-level DP runs), which admits clients
         self.privacy_ledger = privacy_ledger
         self.trainings: list[dict] = []  # every training asked this round (retries included), with its steps
+        # Reddi et al.'s server step over whatever produced the round's aggregate (None: the aggregate is the model)
+        config = strategy.config
+        self.optimizer = ServerOptimizer(config) if config.server_optimizer != "none" else None
 
     def sample(self, round_index: int, clients: list[ClientState], attempt: int = 0) -> list[ClientState]:
         """The clients of a round: a seeded sample of ``participation * len(clients)`` (at least one;
@@ -114,8 +118,10 @@ class Server:
         return None
 
     def aggregate(self, replies: list[Reply], round_index: int, clients: list[ClientState]) -> GlobalState:
-        """Merges the round's replies into the next global state (DP-FedAvg's noisy mean when private)."""
+        """Merges the round's replies into the next global state (DP-FedAvg's noisy mean when private),
+        then takes the server optimizer's step from it (``server_optimizer``)."""
         how = self.strategy.config.aggregation
+        start = self.state
         if self.privacy is not None:
             self.state = self.privacy.aggregate(self.state, replies, round_index)
         elif how != "mean":  # untrusted clients: a coordinate-wise statistic of the deltas
@@ -125,5 +131,7 @@ class Server:
             self.state = GlobalState(tensors={**self.state.tensors, **updated}, base=self.state.base, info=self.state.info)
         else:
             self.state = self.strategy.aggregate(self.state, replies, round_index)
+        if self.optimizer is not None:  # post-processing of the aggregate: no privacy cost under DP-FedAvg
+            self.state = self.optimizer.step(start, self.state, self.strategy.upload_names(start, round_index))
         self.strategy.end_round(self.state, clients)
         return self.state
