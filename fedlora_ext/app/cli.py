@@ -122,8 +122,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedlora_ext.app.jobs import compare_job, variants
+    from fedlora_ext.app.compare import compare_job, variants
 
+    seeds = _whole_number(args.seeds, "--seeds")
     base = _config(args)
     epsilons = args.epsilons or ([base.dp_epsilon] if base.dp_epsilon is not None else [8.0])
     alphas = [None if a == "iid" else float(a) for a in args.alphas] if args.alphas else [base.dirichlet_alpha]
@@ -134,9 +135,21 @@ def _compare(args: argparse.Namespace) -> int:
     with _config_warnings():  # each variant's own (e.g. --epsilons 150)
         chosen = variants(base.replace(out_dir=None), args.methods, args.dp, epsilons, alphas, args.ranks,
                           args.client_ranks, vary)
-    compare_job(base, chosen, args.out, progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
-                tensorboard=args.tensorboard)
+    compare_job(base, chosen, args.out, seeds=seeds, progress=not args.quiet, overwrite=args.overwrite,
+                log_file=args.log_file, tensorboard=args.tensorboard)
     return 0
+
+
+def _whole_number(text: str, flag: str) -> int:
+    """``text`` as an int >= 1, else one ValueError line naming ``flag`` (argparse's own would add a usage
+    block)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{flag} must be a whole number >= 1 (the seeds each variant runs with), got {text!r}")
+    return value
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -273,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the ranks of a heterogeneous run, one per client")
     compare.add_argument("--vary", action="append", metavar="KEY=[V1, V2]",
                          help="one more axis over any FedConfig key, e.g. --vary 'fedprox_mu=[0.0, 0.01]'")
+    compare.add_argument("--seeds", default="1", metavar="N",
+                         help="run each variant with seeds seed .. seed+N-1 (into <variant>/seed<k>/; DP noise "
+                              "seeded the same way) and report the mean and 95%% interval (default 1: one run each)")
     compare.set_defaults(handler=_compare)
 
     sim = commands.add_parser("simulate", help="run a federated job in-process, metrics as JSON lines")

@@ -1,6 +1,5 @@
-"""The CLI's jobs: ``run`` (one federated run with a line per round, a summary and a run folder),
-``compare`` (several variants on the same partition and seeds, a Markdown table and plots) and
-``simulate`` (a run without the report).
+"""The CLI's jobs: ``run`` (one federated run with a line per round, a summary and a run folder) and
+``simulate`` (a run without the report); ``compare`` runs many of them (:mod:`fedlora_ext.app.compare`).
 
 Each job claims its run folder (:mod:`fedlora_ext.app.run_folder`: never another run's, locked while it
 runs). ``run`` ends its folder with ``summary.json`` whose ``status`` is ``completed``, ``failed`` (with
@@ -12,29 +11,17 @@ one line the CLI prints. Every job can append its log to a file (``--log-file``,
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import os
 import shlex
 import shutil
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fedlora_ext.errors import RunError
 from fedlora_ext.federated import FedConfig
-from fedlora_ext.app.reporting import (
-    accuracy_key,
-    examples_scored,
-    markdown_table,
-    plot_comparison,
-    plot_run,
-    summary_row,
-)
+from fedlora_ext.app.reporting import examples_scored, plot_run, summary_row
 from fedlora_ext.app.job_log import job_log, job_logger, logged
 from fedlora_ext.app.run_folder import (
     checkpoint_rounds,
@@ -44,7 +31,6 @@ from fedlora_ext.app.run_folder import (
     write_json_atomic,
 )
 from fedlora_ext.app.tensorboard import board_for, summary_writer_class, with_board
-from fedlora_ext.strategies import make_strategy, strategy_names
 
 MIB = 2**20
 
@@ -392,120 +378,3 @@ def _simulate_job(config: FedConfig, *, progress: bool, overwrite: bool, tensorb
             board.close()
         if lock is not None:
             lock.release()
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    config: FedConfig
-
-
-def variants(base: FedConfig, methods: Sequence[str], dp: Sequence[str], epsilons: Sequence[float],
-             alphas: Sequence[float | None], ranks: Sequence[str], client_ranks: Sequence[int],
-             vary: dict[str, Sequence] | None = None) -> list[Variant]:
-    """Every combination of method x privacy (off, or on at each epsilon) x Dirichlet alpha x ranks
-    (``homogeneous``, or ``heterogeneous`` with ``client_ranks``) x each ``vary`` key's values, on the
-    base config's seed."""
-    privacy = [("nodp", {"dp_epsilon": None, "dp_noise_multiplier": None})] if "off" in dp else []
-    if "on" in dp:
-        privacy += [(f"eps{e:g}", {"dp_epsilon": e, "dp_noise_multiplier": None}) for e in epsilons]
-    axes = [[(key, value) for value in values] for key, values in (vary or {}).items()]
-    out = []
-    for method, (tag, dp_values), alpha, rank_mode, *extra in itertools.product(methods, privacy, alphas, ranks, *axes):
-        changes = {"method": method, "dirichlet_alpha": alpha, **dp_values, **dict(extra)}
-        name = [method, tag, f"a{alpha:g}" if alpha is not None else "iid"]
-        if rank_mode == "heterogeneous":
-            changes["client_ranks"] = tuple(client_ranks)
-            name.append("het")
-        name += [f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}" for key, value in extra]
-        out.append(Variant("-".join(name), base.replace(**changes)))
-    return out
-
-
-def compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path | None = None, *,
-                progress: bool = False, echo=print, overwrite: bool = False, log_file: str | Path | None = None,
-                tensorboard: bool = False) -> Path:
-    """Runs every variant into ``out_dir/<variant>`` (a variant a method cannot take, or whose run
-    fails, is listed with the reason), then writes the report (:func:`write_compare_report`). The
-    folder (default ``runs/compare-<time>``) is claimed and locked as a run's; it starts with
-    ``compare.json`` (the base configuration and the variants). ``log_file`` gets the console's lines
-    and every variant's own (header, rounds, summary); ``tensorboard`` gives each variant its
-    ``<variant>/tensorboard/`` (point TensorBoard at the comparison's folder to see them side by side)."""
-    with job_log(log_file, run_folder=out_dir or None):
-        return _compare_job(base, variant_list, out_dir, progress=progress, echo=logged(echo), overwrite=overwrite,
-                            tensorboard=tensorboard)
-
-
-def _compare_job(base: FedConfig, variant_list: Sequence[Variant], out_dir: str | Path | None, *, progress: bool,
-                 echo, overwrite: bool, tensorboard: bool) -> Path:
-    if tensorboard:
-        summary_writer_class()
-    runnable, skipped = check_variants(variant_list)  # before anything trains: a typo costs nothing
-    out = Path(out_dir) if out_dir else new_run_folder("runs", "compare")
-    ran, failed = [], []
-    with claim(out, overwrite=overwrite, command="compare"):
-        write_json_atomic(out / "compare.json", {"base": base.to_dict(), "variants": [v.name for v in variant_list]})
-        for name, reason in skipped:
-            echo(f"not run {name}: {reason}")
-        for variant in runnable:
-            echo(f"run {variant.name} ...")
-            try:
-                summary = run_job(variant.config.replace(out_dir=str(out / variant.name)), progress=progress,
-                                  echo=lambda line: None, tensorboard=tensorboard)  # its lines: the log only
-            except (ValueError, RunError) as error:  # the run failed: listed, and the comparison fails
-                failed.append((variant.name, str(error)))
-                echo(f"    failed: {error}")
-                continue
-            except KeyboardInterrupt:
-                raise JobInterrupted(f"interrupted during variant {variant.name} ({len(ran)} of {len(variant_list)} "
-                                     f"finished in {out}); run the comparison again with --overwrite") from None
-            ran.append(variant.name)
-            echo(f"    final {summary['accuracy']} {summary['metric']} {summary['final']:.3f}, best {summary['best']:.3f}")
-        path = write_compare_report(base, out, ran, skipped, failed)
-    echo(f"wrote {path}")
-    if failed:
-        raise RunError(f"{len(failed)} of {len(runnable)} variants failed ({', '.join(n for n, _ in failed)}): "
-                       f"{failed[0][1]}; see {path}")
-    return path
-
-
-def check_variants(variant_list: Sequence[Variant]) -> tuple[list[Variant], list[tuple[str, str]]]:
-    """The variants that can run, and (name, reason) of those a method cannot take (e.g. heterogeneous
-    ranks for a one-rank method), decided before any trains. An unknown method is a mistake, not a
-    variant: ValueError."""
-    runnable, skipped = [], []
-    known = strategy_names()
-    for variant in variant_list:
-        if variant.config.method not in known:
-            raise ValueError(f"--methods: unknown method {variant.config.method!r}; known methods: {known}")
-        try:
-            make_strategy(variant.config)
-        except ValueError as error:
-            skipped.append((variant.name, str(error)))
-            continue
-        runnable.append(variant)
-    if not runnable:
-        raise ValueError(f"no variant can run: {'; '.join(f'{name}: {reason}' for name, reason in skipped)}")
-    return runnable, skipped
-
-
-def write_compare_report(base: FedConfig, out: Path, names: Sequence[str], skipped: Sequence[tuple[str, str]],
-                         failed: Sequence[tuple[str, str]] = ()) -> Path:
-    """``results.md`` (table and plots), ``results.json`` and the PNGs, from the variants' run folders."""
-    histories = {name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-                 for name in names}
-    rows = [summary_row(name, history) for name, history in histories.items()]
-    if histories:
-        plot_comparison(histories, out)
-    text = ["# fedlora compare", "", f"Base configuration: `{json.dumps(base.to_dict())}`", "", markdown_table(rows)]
-    if skipped:
-        text += ["", "Not run (the method cannot take the variant):", *[f"- {name}: {reason}" for name, reason in skipped]]
-    if failed:
-        text += ["", "Failed:", *[f"- {name}: {reason}" for name, reason in failed]]
-    plots = [p for p in ("accuracy.png", "final_accuracy.png", "bytes.png", "epsilon.png") if (out / p).exists()]
-    text += ["", *[f"![{p}]({p})" for p in plots]]
-    (out / "results.md").write_text("\n".join(text) + "\n")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "skipped": list(skipped), "failed": list(failed),
-                                                  "accuracy_key": {n: accuracy_key(h) for n, h in histories.items()}},
-                                                 indent=2))
-    return out / "results.md"

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -36,7 +36,7 @@ def metric_name(key: str) -> str:
     return key.split("_", 1)[1].replace("_", " ")
 
 
-def _label_axis(ax, key: str, values: Sequence[float], axis: str = "y") -> None:
+def label_axis(ax, key: str, values: Sequence[float], axis: str = "y") -> None:
     """Bounded metrics on [0, 1]; perplexity on a log scale."""
     getattr(ax, f"set_{axis}label")(metric_name(key))
     if higher_is_better(key):
@@ -45,17 +45,17 @@ def _label_axis(ax, key: str, values: Sequence[float], axis: str = "y") -> None:
         getattr(ax, f"set_{axis}scale")("log")
 
 
-def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
+def series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
     rows = [(row["round"], row[key]) for row in history if row.get(key) is not None]
     return [r for r, _ in rows], [v for _, v in rows]
 
 
 def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
     """Accuracy (left axis) and epsilon spent (right axis, if the run is private) per round."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     key = accuracy_key(history)
-    rounds, acc = _series(history, key)
+    rounds, acc = series(history, key)
     examples = next((row["test_examples"] for row in history if key.startswith("test_") and "test_examples" in row), None)
     ax.plot(rounds, acc, marker="o", color="tab:blue",
             label=key.replace("_", " ") + (f" ({examples} fixed examples)" if examples else ""))
@@ -65,9 +65,9 @@ def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> P
                 label=f"{metric_name(key)} on the whole test split ({n})")
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    _label_axis(ax, key, acc)
+    label_axis(ax, key, acc)
     ax.yaxis.label.set_color("tab:blue")
-    rounds_eps, eps = _series(history, "epsilon_max")
+    rounds_eps, eps = series(history, "epsilon_max")
     if eps:
         right = ax.twinx()
         right.plot(rounds_eps, eps, marker="s", color="tab:red", label="epsilon (max over clients)")
@@ -83,26 +83,32 @@ def plot_run(history: Sequence[Mapping], path: str | Path, title: str = "") -> P
     return Path(path)
 
 
-def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -> list[Path]:
-    """``accuracy.png`` (per round), ``final_accuracy.png``, ``bytes.png`` (up / down) and, when any run
-    is private, ``epsilon.png``, one line or bar per variant."""
-    plt = _pyplot()
-    folder = Path(folder)
-    written = []
+def figure_saver(folder: str | Path):
+    """``save(fig, name)``, which writes a figure to ``folder/name`` and closes it, and the list of the
+    paths it wrote."""
+    plt, folder, written = pyplot(), Path(folder), []
 
-    def save(fig, name):
+    def save(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(folder / name)
         plt.close(fig)
         written.append(folder / name)
 
+    return save, written
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -> list[Path]:
+    """``accuracy.png`` (per round), ``final_accuracy.png``, ``bytes.png`` (up / down) and, when any run
+    is private, ``epsilon.png``, one line or bar per variant."""
+    plt = pyplot()
+    save, written = figure_saver(folder)
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
     keys = {name: accuracy_key(history) for name, history in runs.items()}
     shown = next(iter(keys.values()), "test_accuracy")
     for name, history in runs.items():
-        ax.plot(*_series(history, keys[name]), marker="o", markersize=3, label=name)
+        ax.plot(*series(history, keys[name]), marker="o", markersize=3, label=name)
     ax.set(xlabel="round")
-    _label_axis(ax, shown, [v for name, h in runs.items() for v in _series(h, keys[name])[1]])
+    label_axis(ax, shown, [v for name, h in runs.items() for v in series(h, keys[name])[1]])
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -110,9 +116,9 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
 
     names = list(runs)
     fig, ax = plt.subplots(figsize=(7.2, 0.5 + 0.35 * len(names)), dpi=100)
-    finals = [(_series(runs[n], keys[n])[1] or [0.0])[-1] for n in names]
+    finals = [(series(runs[n], keys[n])[1] or [0.0])[-1] for n in names]
     ax.barh(names, finals, color="tab:blue")
-    _label_axis(ax, shown, finals, axis="x")
+    label_axis(ax, shown, finals, axis="x")
     ax.set_xlabel("final " + metric_name(shown))
     ax.invert_yaxis()
     save(fig, "final_accuracy.png")
@@ -133,7 +139,7 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping]], folder: str | Path) -
     if private:
         fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
         for name, history in private.items():
-            ax.plot(*_series(history, "epsilon_max"), marker="o", markersize=3, label=name)
+            ax.plot(*series(history, "epsilon_max"), marker="o", markersize=3, label=name)
         ax.set(xlabel="round", ylabel="epsilon spent (max over clients)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -148,13 +154,13 @@ def summary_row(name: str, history: Sequence[Mapping]) -> dict:
     rounds' own examples, so every round compares like with like; the lowest perplexity), an SFT run's
     exact match, bytes, epsilon, seconds."""
     key = accuracy_key(history)
-    acc = _series(history, key)[1]
+    acc = series(history, key)[1]
     last = history[-1] if history else {}
     if key.startswith("personal_"):  # rounds that scored only their participants are not comparable
-        acc = _series([row for row in history if row.get("personal_scope", "all") == "all"], key)[1] or acc
+        acc = series([row for row in history if row.get("personal_scope", "all") == "all"], key)[1] or acc
     best = max if higher_is_better(key) else min
     eps = [row["epsilon_max"] for row in history if "epsilon_max" in row]
-    personal = _series(history, "personal_accuracy")[1]
+    personal = series(history, "personal_accuracy")[1]
     return {
         "variant": name,
         "accuracy": key.split("_", 1)[0],  # test (the server's model) or personal (clients' own)
@@ -182,7 +188,7 @@ def examples_scored(history: list[dict]) -> dict:
 def _exact_match(key: str, history: Sequence[Mapping]) -> dict:
     """``{"exact match": final}`` for an SFT run with short answers, else nothing."""
     exact = key.split("_", 1)[0] + "_exact_match"
-    values = _series(history, exact)[1]
+    values = series(history, exact)[1]
     if not values:
         return {}
     return {"exact match": history[-1].get(f"final_{exact}", values[-1])}

@@ -191,12 +191,21 @@ def _known(entry: Path, compare: bool) -> bool:
     if entry.is_dir():
         if name in FOLDERS:
             return True
-        # a comparison's variants are run folders of their own (or empty ones)
-        return compare and not foreign_entries(entry, compare=False) and (bool(run_markers(entry))
-                                                                           or not any(entry.iterdir()))
+        # a comparison's variants are run folders of their own (or empty ones), or (--seeds) folders of them
+        return compare and (_run_or_empty(entry) or _seed_runs(entry))
     if name.endswith(".tmp"):  # a temporary file of an atomic write: `.name.tmp` or `name.tmp`
         name = name[:-4].lstrip(".")
     return name in MARKERS or any(fnmatch.fnmatchcase(name, pattern) for pattern in OTHER_FILES)
+
+
+def _run_or_empty(folder: Path) -> bool:
+    return not foreign_entries(folder, compare=False) and (bool(run_markers(folder)) or not any(folder.iterdir()))
+
+
+def _seed_runs(folder: Path) -> bool:
+    """A variant of ``compare --seeds``: nothing but ``seed<k>/`` run folders (or empty ones)."""
+    return all(e.is_dir() and not e.is_symlink() and fnmatch.fnmatchcase(e.name, "seed*")
+               and e.name[4:].lstrip("-").isdigit() and _run_or_empty(e) for e in folder.iterdir())
 
 
 def foreign_entries(folder: str | Path, *, compare: bool | None = None) -> list[str]:
