@@ -24,7 +24,8 @@ guarantee. Refused: ``optimizer = "adamw"`` (the rule is SGD's; a correction ins
 preconditioned step has no principled form in the paper), DP-FedAvg (the variate update needs every
 participant's exact dc_k and the exact |S|, which client-level DP hides), ``server_optimizer`` (the
 global step is ``server_lr``) and robust aggregation. A client whose reply is lost after it trained
-keeps its c_k+ while c misses its dc_k, as in any deployment of the algorithm.
+keeps its c_k+ while c misses its dc_k, as in any deployment of the algorithm. ``max_update_norm``
+bounds the norm of the whole upload against the download: y - x and dc_k together.
 """
 
 from __future__ import annotations
