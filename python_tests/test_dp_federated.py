@@ -106,9 +106,9 @@ def test_masks_zero_unselected_coordinates_after_the_noise():
 
 
 @pytest.mark.parametrize("method", ["fedit", "ffa_lora", "fedsa_lora", "fedsa_vera", "hetlora", "lora_a2",
-                                    "flora", "fedex_lora", "fedprox"])
+                                    "flora", "fedex_lora", "fedprox", "flexlora", "fedsvd"])
 def test_every_method_trains_privately_and_accounts_every_step(method, tmp_path):
-    extras = {"client_ranks": (4, 2, 1)} if method in ("hetlora", "flora") else {}
+    extras = {"client_ranks": (4, 2, 1)} if method in ("hetlora", "flora", "flexlora") else {}
     config = small_config(method, rounds=3, participation=0.67, dp_epsilon=8.0, out_dir=str(tmp_path), **extras)
     result = simulate(config, progress=False)
     taken = {c.cid: 0 for c in result.clients}

@@ -43,6 +43,9 @@ RESUMABLE = {  # each keeps a different kind of state between rounds
     "lora_a2": {"client_ranks": (2, 1, 1, 2)},  # frozen factors, last rounds
     "ffa_lora": {"server_dp_noise_multiplier": 0.5, "participation": 0.75, "dp_noise_seed": 4},  # server account, key
     "fedit": {"client_failure_rate": 0.3, "dp_epsilon": 8.0, "dp_noise_seed": 1},  # failures after training
+    "flexlora": {"client_ranks": (8, 4, 4, 2), "rank": 18, "participation": 0.5},  # global SVD factors
+    # aggregation count, the round A was re-factorised after, each client's kept A
+    "fedsvd": {"svd_period": 2, "participation": 0.5, "dp_epsilon": 8.0, "dp_noise_seed": 5},
 }
 
 
