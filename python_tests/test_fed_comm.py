@@ -155,3 +155,30 @@ def test_fed_sb_sends_r_squared_per_layer_whatever_its_width(model):
     for round_index in range(2):
         for direction in ("up", "down"):
             assert _per_client(sim, round_index, direction) == {c.cid: expected for c in sim.clients}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_flexlora_sends_each_clients_rank(model):
+    """FlexLoRA: client k sends and receives r_k (m + n) per layer plus the head, whatever the global
+    adapter's rank (here 7 = 4 + 2 + 1): the download is the rank-r_k truncation, never the global."""
+    ranks = (4, 2, 1)
+    config, sim = run("flexlora", model, rank=7, client_ranks=ranks)
+    shapes, head = layer_shapes(config), head_bytes(config)
+    for round_index in range(2):
+        for direction in ("up", "down"):
+            assert _per_client(sim, round_index, direction) == {
+                cid: sum(r * (m + n) * F32 for m, n in shapes) + head for cid, r in enumerate(ranks)}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_fedsvd_downloads_a_after_a_refactorisation(model):
+    """FedSVD (svd_period 1): B (r m per layer) and the head up every round and down in round 1 (A comes
+    from the shared seed); round 2's download adds the re-factorised A, r n per layer."""
+    config, sim = run("fedsvd", model, svd_period=1)
+    shapes, head = layer_shapes(config), head_bytes(config)
+    b = sum(config.rank * m * F32 for m, n in shapes) + head
+    a = sum(config.rank * n * F32 for m, n in shapes)
+    everyone = [c.cid for c in sim.clients]
+    assert _per_client(sim, 0, "up") == _per_client(sim, 1, "up") == dict.fromkeys(everyone, b)
+    assert _per_client(sim, 0, "down") == dict.fromkeys(everyone, b)
+    assert _per_client(sim, 1, "down") == dict.fromkeys(everyone, a + b)
