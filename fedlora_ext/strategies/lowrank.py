@@ -7,8 +7,10 @@ U' S V'^T, so the sum's SVD is U = Q_B U', S, V = Q_A V' (Q_B, Q_A have orthonor
 Cost O((m + n) R^2 + R^3) against O(m n min(m, n)) for a dense SVD; the [m, n] sum never exists.
 
 Everything is computed in float64: the factors are small next to the dense sum (R (m + n) numbers), so
-float64 costs little and keeps singular values and the reconstructed sum at ~1e-14 relative to a dense
-float64 SVD, where float32 QR would lose digits on the small singular values of ill-conditioned stacks.
+float64 costs little (benchmarks/bench_svd.py) and keeps singular values and the reconstructed sum at
+~1e-15 relative to a dense float64 SVD. float32 errors are ~1e-7 of the largest singular value, so a
+singular value below ~1e-6 of the largest would keep few correct digits (and the singular vectors of
+close singular values rotate by error / gap, which float64 keeps 1e9 times smaller).
 
 The factors are peft's (B [out, r], A [r, in]) whatever the layer's storage: GPT-2's Conv1D
 (fan_in_fan_out) transposes only the base weight, so callers that never form B A into a weight need no
