@@ -46,6 +46,7 @@ METHOD_EXTRAS = {
     "fedprox": {"fedprox_mu": 0.01},
     "fedsa_rslora": {"rslora": True},
     "fedsa_vera": {"adapter": "vera"},
+    "scaffold": {"optimizer": "sgd"},  # its local rule is SGD's; AdamW is refused
 }
 #: what the every-method runs on two clients of rank 4 (test_precision, test_sft_run) change on top:
 #: a larger proximal weight, and FLoRA / HetLoRA with a different rank per client
@@ -53,6 +54,7 @@ TWO_CLIENT_EXTRAS = {
     "fedprox": {"fedprox_mu": 0.1},
     "flora": {"client_ranks": (4, 2)},
     "hetlora": {"client_ranks": (4, 2)},
+    "flexlora": {"client_ranks": (4, 2)},
 }
 
 

@@ -97,6 +97,8 @@ def test_a_round_writes_the_global_state_and_only_the_clients_it_changed(tmp_pat
     ("fedsa_lora", {"dp_epsilon": 8.0, "dp_noise_seed": 7}), ("hetlora", {"client_ranks": (4, 2, 2, 1, 1, 1)}),
     ("lora_a2", {}), ("flora", {"client_ranks": (4, 2, 2, 1, 1, 1)}), ("fedex_lora", {}), ("standalone", {}),
     ("rolora", {}), ("fed_sb", {"dp_epsilon": 8.0, "dp_noise_seed": 7}),
+    ("scaffold", {"dp_epsilon": 8.0, "dp_noise_seed": 7}),
+    ("flexlora", {"client_ranks": (4, 2, 2, 1, 1, 1)}), ("fedsvd", {"svd_period": 1}),
     ("fedit", {"personal_eval": True, "server_dp_noise_multiplier": 0.5})])
 def test_the_clients_a_round_samples_are_all_it_changes(tmp_path, method, changes):
     """The simulation tells the writer which clients a round may have changed (those it sampled), and

@@ -27,18 +27,22 @@ SETTINGS = {"bert-classification": ("tiny-bert", "classification", 0.05),
             "gpt2-causal_lm": ("tiny-gpt2", "causal_lm", 0.001),
             "llama-causal_lm": ("tiny-llama", "causal_lm", 0.001)}
 ROUNDS = 3
+#: methods whose local rule is plain SGD (AdamW refused) need a larger step than AdamW's 0.05 on these tiny
+#: models: at SGD lr 2.0 SCAFFOLD's loss fell 7% (classification) and 0.22% (GPT-2) over the 3 rounds
+SGD_LR = {"scaffold": 2.0}
 
 
 def test_every_method_is_covered():
     assert METHODS == sorted(["fedit", "fedprox", "ffa_lora", "fedsa_lora", "fedsa_rslora", "fedsa_vera", "flora",
-                              "hetlora", "lora_a2", "fedex_lora", "centralized", "standalone"])
+                              "hetlora", "lora_a2", "fedex_lora", "centralized", "standalone", "scaffold",
+                              "rolora", "fed_sb", "flexlora", "fedsvd"])
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("method", METHODS)
 def test_end_to_end(method, setting, tmp_path):
     model, task, min_drop = SETTINGS[setting]
-    config = small_config(method, model=model, task=task, rounds=ROUNDS, local_steps=6, lr=0.05,
+    config = small_config(method, model=model, task=task, rounds=ROUNDS, local_steps=6, lr=SGD_LR.get(method, 0.05),
                           out_dir=str(tmp_path / "run"))
     initial = copy.deepcopy(Simulation(config).state)  # the run's deterministic starting point
     result = simulate(config, progress=False)

@@ -39,8 +39,13 @@ METHODS = {  # method -> config changes on top of fedtools.METHOD_EXTRAS (ranks 
     "flora": {"client_ranks": (8, 4, 2), "rank": 8},
     "hetlora": {"client_ranks": (8, 4, 2), "rank": 8, "hetlora_gamma": 0.5},
     "lora_a2": {"client_ranks": (2, 1, 1), "rank": 4},
+    "rolora": {"rounds": 3},  # rounds 1-3: B, A, B, and a download of only the factor updated last round
+    "fed_sb": {},
     "fedex_lora": {},
     "standalone": {},
+    "scaffold": {},  # SGD (METHOD_EXTRAS); c travels with x, c_k stays in the node's state
+    "flexlora": {"client_ranks": (8, 4, 2), "rank": 14},  # global rank 14 = sum: the global is dW itself
+    "fedsvd": {"svd_period": 1},  # round 2 downloads the re-factorised A, the node keeps it
 }
 
 

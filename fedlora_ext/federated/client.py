@@ -46,7 +46,8 @@ class ModelBench:
     def __init__(self, config: FedConfig, base_model: nn.Module) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.merges = make_strategy(config).merges_base  # whether the method merges into the base
+        strategy = make_strategy(config)
+        self.merges = strategy.merges_base  # whether the method merges into the base
         self._base = place_base(base_model, self.device, resolve_dtype(config.model_dtype))
         self._models: dict[int, nn.Module] = {}
         self._pristine: dict[str, Tensor] = {}  # base weights of adapted modules before any merge (merging methods)
@@ -54,7 +55,7 @@ class ModelBench:
         self.spec = adapters.AdapterSpec(kind=config.adapter, rank=config.rank, alpha=config.alpha,
                                          target_modules=config.target_modules
                                          or adapters.default_target_modules(base_model, config.adapter),
-                                         rslora=config.rslora)
+                                         rslora=config.rslora, latent=strategy.latent_factor)
 
     @property
     def base_model(self) -> nn.Module:
@@ -170,14 +171,16 @@ class LocalTrainer:
             yield self.data[chosen]
 
     def train(self, model: nn.Module, *, steps: int | None = None, penalty: Callable[[], Tensor] | None = None,
-              masks: Mapping[str, Tensor] | None = None) -> float:
+              masks: Mapping[str, Tensor] | None = None, correction: Mapping[str, Tensor] | None = None) -> float:
         """Runs the local steps (default ``local_steps``); returns the mean loss per sample.
 
         ``penalty`` is a data-independent term (HetLoRA's); with the FedProx term, which pulls the
         trainable tensors the client downloaded towards their downloaded values (``proximal``; tensors it
         keeps locally, such as FedSA's B, are not pulled), it is added to the gradient after the DP step:
         post-processing, so it costs no privacy. ``masks`` (by parameter name, broadcastable) zero
-        gradient coordinates that must not train.
+        gradient coordinates that must not train. ``correction`` (by parameter name, each of its
+        parameter's shape; SCAFFOLD's c - c_k) is added to every step's gradient before the optimizer
+        step, after the DP step on the private path (post-processing too), masked like the gradient.
         """
         params = adapters.trainable_parameters(model)
         if not params:
@@ -188,8 +191,9 @@ class LocalTrainer:
             optimizer = torch.optim.AdamW(params.values(), lr=self.lr, weight_decay=0.0)
         regulariser = self._regulariser(params, penalty)
         steps = steps or self.config.local_steps
+        correction = check_correction(params, correction or {})
         if self.privacy is not None:
-            return self._private_steps(model, params, optimizer, regulariser, masks or {}, steps)
+            return self._private_steps(model, params, optimizer, regulariser, masks or {}, steps, correction)
         losses, device = [], model_device(model)
         for batch in self.batches(steps):
             batch = to_device(batch, device)
@@ -202,6 +206,7 @@ class LocalTrainer:
             total = loss if regulariser is None else loss + regulariser()
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            add_correction_(params, correction)
             for name, mask in (masks or {}).items():
                 if params.get(name) is not None and params[name].grad is not None:
                     params[name].grad.mul_(mask.to(params[name].grad.dtype))
@@ -228,7 +233,7 @@ class LocalTrainer:
 
         return regulariser
 
-    def _private_steps(self, model, params, optimizer, regulariser, masks, steps: int) -> float:
+    def _private_steps(self, model, params, optimizer, regulariser, masks, steps: int, correction) -> float:
         privacy = self.privacy
         names, tensors = list(params), list(params.values())
         mask_list = [masks.get(n) for n in names]
@@ -255,10 +260,40 @@ class LocalTrainer:
                     for p, g in zip(tensors, extra):
                         if g is not None:
                             p.grad.add_(g)
+                add_correction_(params, correction, masks)
                 optimizer.step()
                 privacy.account.step()
                 self.steps += 1
         return sum(losses) / max(sum(counts), 1) if counts else float("nan")
+
+
+def check_correction(params: Mapping[str, nn.Parameter], correction: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``correction`` on its parameters' devices and dtypes, every name a trainable parameter of its shape."""
+    out = {}
+    for name, tensor in correction.items():
+        if name not in params:
+            raise ValueError(f"LocalTrainer: correction for {name!r}, which is not a trainable parameter "
+                             f"(trainable: {sorted(params)[:3]}...)")
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"LocalTrainer: correction for {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(params[name].shape)}")
+        out[name] = tensor.detach().to(params[name].device, params[name].dtype)
+    return out
+
+
+def add_correction_(params: Mapping[str, nn.Parameter], correction: Mapping[str, Tensor],
+                    masks: Mapping[str, Tensor] | None = None) -> None:
+    """``grad += correction`` for every corrected parameter (a parameter without a gradient gets the
+    correction as its gradient), times its mask where ``masks`` has one (the private path masks inside
+    the DP step, before this; the plain path masks after it)."""
+    for name, term in correction.items():
+        p = params[name]
+        if masks and masks.get(name) is not None:
+            term = term * masks[name].to(term.dtype)
+        if p.grad is None:
+            p.grad = term.clone()
+        else:
+            p.grad.add_(term)
 
 
 def run_client_round(strategy: Strategy, bench: ModelBench, state: GlobalState, client: ClientState,

@@ -3,14 +3,19 @@
 from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.strategies import (  # noqa: F401  (importing registers them)
     baselines,
+    fed_sb,
     fedex_lora,
     fedit,
     fedprox,
     fedsa_lora,
+    fedsvd,
     ffa_lora,
+    flexlora,
     flora,
     hetlora,
     lora_a2,
+    rolora,
+    scaffold,
 )
 from fedlora_ext.strategies.base import (
     Strategy,

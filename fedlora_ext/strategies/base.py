@@ -78,6 +78,8 @@ class Strategy:
     merges_base: ClassVar[bool] = False
     #: adapter kinds the method supports
     adapter_kinds: ClassVar[tuple[str, ...]] = ("lora",)
+    #: whether the adapter carries LoRA-SB's r x r matrix R between A and B (update s B R A; Fed-SB)
+    latent_factor: ClassVar[bool] = False
 
     def __init__(self, config: FedConfig) -> None:
         self.config = config
@@ -106,6 +108,12 @@ class Strategy:
                 f"ffa_lora, fedsa_lora and variants) at one rank; got method {self.name!r}"
                 + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
             )
+        if config.server_optimizer != "none" and not (self.averages_updates and not config.heterogeneous):
+            raise ValueError(
+                f"server_optimizer {config.server_optimizer!r} steps from an average of same-shaped uploads at one "
+                f"rank ({', '.join(averaging_methods())}), got method {self.name!r}"
+                + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
+                + "; set server_optimizer = \"none\"")
 
     def scaling(self, rank: int | None = None) -> float:
         """The LoRA scale s = alpha / r (rsLoRA alpha / sqrt(r)) at ``rank`` (default: the config's)."""
@@ -217,6 +225,11 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def averaging_methods() -> list[str]:
+    """The registered methods whose server update is an average of uploads (``averages_updates``)."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.averages_updates)
 
 
 def make_strategy(config: FedConfig) -> Strategy:
