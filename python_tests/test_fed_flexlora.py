@@ -160,3 +160,27 @@ def test_refusals(changes, needle):
     with pytest.raises(ValueError) as error:
         Simulation(small_config("flexlora", **{"rank": 4, "client_ranks": RANKS, **changes}))
     assert needle in str(error.value) and "\n" not in str(error.value)
+
+
+def test_rank_deficient_round_downloads_zero_components():
+    """Only the rank-1 client replies: dW has rank 1, so the rank-4 client's download is that component
+    and three zero rows / columns (sqrt(0) on each side); a round of zero updates leaves a zero global."""
+    from fedlora_ext.core.state import ClientState, GlobalState, Reply
+    from fedlora_ext.strategies import make_strategy
+
+    config = small_config("flexlora", rank=G, client_ranks=RANKS)
+    strategy = make_strategy(config)
+    g = torch.Generator().manual_seed(0)
+    names = {"layer.lora_A": (G, 6), "layer.lora_B": (5, G)}
+    state = GlobalState(tensors={n: torch.zeros(shape) for n, shape in names.items()})
+    B1, A1 = torch.randn(5, 1, generator=g), torch.randn(1, 6, generator=g)
+    after = strategy.aggregate(state, [Reply(cid=2, num_examples=10, tensors={"layer.lora_A": A1, "layer.lora_B": B1})], 0)
+    client = ClientState(cid=0, rank=4, num_examples=10)
+    down = strategy.download(after, client, 1)
+    B, A = down["layer.lora_B"].double(), down["layer.lora_A"].double()
+    s_1, s_4 = lora_scale(config, 1), lora_scale(config, 4)
+    torch.testing.assert_close(s_4 * B @ A, s_1 * B1.double() @ A1.double(), rtol=1e-6, atol=1e-7)
+    assert not B[:, 1:].any() and not A[1:].any() and B[:, 0].any()
+    zero = strategy.aggregate(state, [Reply(cid=2, num_examples=10, tensors={"layer.lora_A": A1,
+                                                                            "layer.lora_B": torch.zeros(5, 1)})], 0)
+    assert not zero.tensors["layer.lora_A"].any() and not zero.tensors["layer.lora_B"].any()
