@@ -8,7 +8,7 @@ Subcommands:
   status     one line on a run folder: running (who), completed, failed (why) or interrupted.
   export     a run's model as a peft adapter folder or a merged transformers model folder.
   evaluate   scores of an export (or a run folder's model) on a dataset; writes nothing unless --json.
-  presets    the packaged presets.   selfcheck   the ops against their twins.   info   build info.
+  presets    the packaged presets.   selfcheck   the ops against their twins.   info   version, build info.
 
 Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback; Ctrl-C with
 one line (``fedlora: interrupted after round N; continue with: fedlora run --resume DIR``) and 130.
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 def _info(_: argparse.Namespace) -> int:
     import fedlora_ext
 
-    print(json.dumps(fedlora_ext.build_info(), indent=2))
+    print(json.dumps({"version": fedlora_ext.__version__, **fedlora_ext.build_info()}, indent=2))
     return 0
 
 
@@ -61,22 +61,30 @@ def _config(args: argparse.Namespace):
         if no_dp and key.strip() in ("dp_epsilon", "dp_noise_multiplier") and changes[key.strip()] is not None:
             raise ValueError(f"--set {item.strip()} and --no-dp conflict: --no-dp trains without DP-SGD, "
                              f"{key.strip()} turns it on; give one of them")
+    from fedlora_ext.core.device import warn_slow_base
+
     with _config_warnings():
         config = FedConfig.from_toml(args.config) if args.config else preset(args.preset)
-        return config.replace(**changes)
+        config = config.replace(**changes)
+        warn_slow_base(config.device, config.model_dtype)
+        return config
 
 
 @contextlib.contextmanager
 def _config_warnings():
-    """The configuration's warnings (a meaningless epsilon) as one ``fedlora: warning: ...`` line each on
-    stderr, as the CLI's errors are (Python's format adds the file, line and source); others as before."""
+    """The configuration's warnings (a meaningless epsilon, a 16-bit base on a CPU without 16-bit matrix
+    units) as one ``fedlora: warning: ...`` line each on stderr, as the CLI's errors are (Python's format
+    adds the file, line and source); others as before."""
     from fedlora_ext.core.config import MeaninglessEpsilonWarning
+    from fedlora_ext.core.device import SlowBaseWarning
 
+    ours = (MeaninglessEpsilonWarning, SlowBaseWarning)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MeaninglessEpsilonWarning)
+        for category in ours:
+            warnings.simplefilter("always", category)
         yield
     for each in caught:
-        if issubclass(each.category, MeaninglessEpsilonWarning):
+        if issubclass(each.category, ours):
             print(f"fedlora: warning: {each.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(each.message, each.category, each.filename, each.lineno)
@@ -265,7 +273,10 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedlora_ext import __version__
+
     parser = argparse.ArgumentParser(prog="fedlora", description="Private federated LoRA fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"fedlora_ext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="the main job: federated fine-tuning with a report (default: MiniLM on "
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)
     commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(
         handler=_selfcheck)
-    commands.add_parser("info", help="print build_info() as JSON").set_defaults(handler=_info)
+    commands.add_parser("info", help="print the version and build_info() as JSON").set_defaults(handler=_info)
     return parser
 
 

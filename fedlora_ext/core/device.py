@@ -10,6 +10,7 @@ with float32 gradients for the float32 parameters.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -42,6 +43,53 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str) -> torch.dtype | None:
     """The torch dtype of ``model_dtype``; None for ``"auto"`` (the checkpoint's own)."""
     return None if name == "auto" else DTYPES[name]
+
+
+class SlowBaseWarning(UserWarning):
+    """A 16-bit base on a CPU without native matrix units for that dtype: slower than float32 there."""
+
+
+#: /proc/cpuinfo flags of native 16-bit matrix units, per dtype (AMX tiles, AVX-512 dot products)
+NATIVE_16BIT_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: then torch is asked)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_16bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix units for ``dtype`` (the cpuinfo flags, else torch's own probes)."""
+    flags = cpu_flags()
+    if flags:
+        return any(flag in flags for flag in NATIVE_16BIT_FLAGS[dtype])
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported") if dtype == torch.bfloat16 \
+        else ("_is_amx_fp16_supported",)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def warn_slow_base(device: str, model_dtype: str) -> None:
+    """One :class:`SlowBaseWarning` when a ``bfloat16``/``float16`` base would run on a CPU without native
+    matrix units for it (there torch emulates 16-bit matmuls, slower than float32). ``auto`` is not
+    checked: the checkpoint's dtype is not known before it is loaded."""
+    dtype = resolve_dtype(model_dtype) if model_dtype in DTYPES else None
+    if dtype not in NATIVE_16BIT_FLAGS:
+        return
+    try:
+        where = resolve_device(device)
+    except (ValueError, RuntimeError):  # refused later, in one line, where the run places its model
+        return
+    if where.type == "cpu" and not native_16bit(dtype):
+        units = "bf16" if dtype == torch.bfloat16 else "fp16"
+        warnings.warn(f"a 16-bit base on this CPU (no native {units} matrix units) is slower than float32; "
+                      "--dtype float32 trains faster here", SlowBaseWarning, stacklevel=2)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:

@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fedlora_ext.data.compressed import COMPRESSIONS, decompress, split_suffix
+
 #: data file suffixes and the ``datasets`` builder that reads each
 BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 DATA_SUFFIXES = (*BUILDERS, ".arrow")
@@ -33,9 +35,9 @@ _TRUE = ("1", "on", "yes", "true")
 
 def looks_like_path(name: str, suffixes: tuple[str, ...] = DATA_SUFFIXES) -> bool:
     """A name starting with ``.``, ``/`` or ``~``, with more than one ``/`` (a Hub id has one at most),
-    or ending in one of ``suffixes``."""
+    or ending in one of ``suffixes`` (also before a compression suffix: ``my.csv.gz``)."""
     return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-            or Path(name).suffix.lower() in suffixes)
+            or split_suffix(Path(name))[0] in suffixes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,9 +76,9 @@ def offline_variable_set() -> bool:
     return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def check_encoding(path: Path, encoding: str, what: str) -> None:
-    """Raises a one-line ValueError naming the file, the encoding and the first bad byte's offset (and
-    line) when ``path`` is not valid text in ``encoding``; reads the file in 1 MiB chunks."""
+def check_encoding(path: Path, encoding: str, what: str, shown: str | None = None) -> None:
+    """Raises a one-line ValueError naming the file (``shown``, else ``path``), the encoding and the first
+    bad byte's offset (and line) when ``path`` is not valid text in ``encoding``; reads it in 1 MiB chunks."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:
@@ -94,7 +96,8 @@ def check_encoding(path: Path, encoding: str, what: str) -> None:
                 bad = error.object[error.start:error.start + 1].hex()
                 lines += error.object[pending:error.start].count(b"\n")
                 raise ValueError(
-                    f"{what}: file {str(path)!r} is not valid {encoding} text: byte 0x{bad} at offset {offset} "
+                    f"{what}: file {shown or repr(str(path))} is not valid {encoding} text: byte 0x{bad} at offset "
+                    f"{offset} "
                     f"(line {lines}); if the file is in another encoding, name it, e.g. --set encoding=latin-1"
                 ) from None
             if not chunk:
@@ -147,15 +150,30 @@ def read_local(path: Path, name: str, encoding: str):
         extra = {"encoding": encoding} if texts else {}  # parquet's builder takes no encoding
         return _parse(what, lambda cache: datasets.load_dataset(str(path), cache_dir=cache, keep_in_memory=True,
                                                                 **extra))
-    suffix = path.suffix.lower()
+    suffix, compression = split_suffix(path)
+    if compression is not None and suffix in DATA_SUFFIXES:  # read from a decompressed copy with its own suffix
+        with tempfile.TemporaryDirectory(prefix="fedlora-data-") as folder:
+            plain = decompress(path, compression, Path(folder) / f"data{suffix}", what)
+            return _read_file(plain, suffix, what, encoding, f"{str(path)!r} (decompressed)")
+    if compression is not None:
+        raise ValueError(f"{what}: a {compression} file must name its format before {path.suffix!r} (e.g. data.csv"
+                         f"{path.suffix}); found {suffix or '(none)'!r}, expected one of {', '.join(DATA_SUFFIXES)}")
+    return _read_file(path, suffix, what, encoding, None)
+
+
+def _read_file(path: Path, suffix: str, what: str, encoding: str, shown: str | None):
+    """One data file of the type ``suffix`` (``shown``: how errors name it, when not by ``path``)."""
+    import datasets
+
     if suffix == ".arrow":
         return _load(what, lambda: datasets.Dataset.from_file(str(path), in_memory=True))
     if suffix not in BUILDERS:
         raise ValueError(f"{what}: file type {suffix or '(none)'!r} is not one datasets reads here; expected "
-                         f"one of {', '.join(DATA_SUFFIXES)} or a folder")
+                         f"one of {', '.join(DATA_SUFFIXES)} (or one of those compressed: "
+                         f"{', '.join(COMPRESSIONS)}) or a folder")
     extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
     if suffix in TEXT_SUFFIXES:
-        check_encoding(path, encoding, what)
+        check_encoding(path, encoding, what, shown)
         extra["encoding"] = encoding
     return _parse(what, lambda cache: datasets.load_dataset(BUILDERS[suffix], data_files=str(path), cache_dir=cache,
                                                             keep_in_memory=True, **extra))
