@@ -60,8 +60,10 @@ class _FakeZstandard(types.ModuleType):
         pass
 
     class ZstdDecompressor:
-        def stream_reader(self, handle, closefd=True):
-            return gzip.GzipFile(fileobj=handle, mode="rb")
+        def stream_reader(self, handle, read_across_frames=False, closefd=True):
+            assert read_across_frames and closefd  # a multi-frame file read whole, the file closed
+            handle.close()  # the real reader owns the file it is given; this stand-in reopens it by name
+            return gzip.open(handle.name, "rb")
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ def _zstd_open(path: Path, what: str):
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if name == "zstandard":  # its reader closes the file it was given when it is closed
-            return module.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        if name == "zstandard":  # all frames (a file may hold several), and the file closed with the reader
+            return module.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
         return module.open(path, "rb")
     raise ValueError(f"{what}: file {str(path)!r} is zstd-compressed and no zstd module is installed; install one "
                      f"with: {_ZSTD_INSTALL} (or decompress it first: zstd -d {path.name})")
