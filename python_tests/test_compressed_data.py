@@ -68,6 +68,8 @@ class _FakeZstandard(types.ModuleType):
 
 @pytest.fixture
 def fake_zstd(monkeypatch):
+    importlib.import_module("datasets")  # it probes for zstandard when first imported: let it see the real one
+
     for name in ZSTD_MODULES:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
     monkeypatch.setitem(sys.modules, "zstandard", _FakeZstandard("zstandard"))
