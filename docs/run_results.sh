@@ -34,8 +34,8 @@ b_exactness() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods fed
 # (c) FedSA-LoRA's personalised accuracy vs FedIT's, both on each client's own test split
 c_personalisation() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods fedsa_lora fedit --alphas 0.1 \
   --set personal_eval=true --out docs/results/c_personalisation; }
-# (d) LoRA-A2 at rank budget 1 (rank 2) vs FedIT and FFA-LoRA at rank 2, with the bytes each uploads
-d_lora_a2() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods lora_a2 fedit ffa_lora \
+# (d) LoRA-A2 at rank budget 1 (rank 2) vs FedIT at rank 2, with the bytes each uploads
+d_lora_a2() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods lora_a2 fedit \
   --set lora_a2_budget=1 --out docs/results/d_lora_a2; }
 # (e) FedProx's proximal term (mu = 0.01) on and off over FedIT, under strong skew
 e_fedprox() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods fedit --alphas 0.1 \
