@@ -45,6 +45,16 @@ def truncate_to_rank(name: str, tensor: Tensor, rank: int) -> Tensor:
     return tensor if dim is None else tensor.narrow(dim, 0, min(rank, tensor.shape[dim]))
 
 
+def adapted_modules(reply: Reply) -> list[str]:
+    """The adapted modules of an upload (those with a ``lora_A``), sorted."""
+    return sorted({n.rsplit(".", 1)[0] for n in reply.tensors if factor_kind(n) == "lora_A"})
+
+
+def upload_rank(reply: Reply) -> int:
+    """The rank of the factors an upload carries (its first ``lora_A``'s rows)."""
+    return next(t.shape[0] for n, t in reply.tensors.items() if factor_kind(n) == "lora_A")
+
+
 def average_tensors(replies: list[Reply], names: list[str], weights: Tensor,
                     out_ranks: Mapping[str, int] | None = None) -> dict[str, Tensor]:
     """``sum_k w_k zero_pad(x_k)`` for every name, through ``ops.weighted_sum`` (one call per tensor)."""
@@ -119,6 +129,11 @@ class Strategy:
         """The LoRA scale s = alpha / r (rsLoRA alpha / sqrt(r)) at ``rank`` (default: the config's)."""
         spec = adapters.AdapterSpec(rank=rank or self.config.rank, alpha=self.config.alpha, rslora=self.config.rslora)
         return spec.scaling()
+
+    def product_weights(self, replies: list[Reply], dtype: torch.dtype = torch.float32) -> Tensor:
+        """p_k s_k for every reply (s_k at the rank it uploaded): the weights of sum_k p_k s_k B_k A_k."""
+        p = fedavg_weights(replies).to(dtype)
+        return p * p.new_tensor([self.scaling(upload_rank(r)) for r in replies])
 
     def client_rank(self, assigned: int) -> int:
         """The adapter rank of a client whose configured rank is ``assigned``."""

@@ -29,6 +29,7 @@ import torch
 from fedlora_ext.core.state import ClientState, GlobalState
 from fedlora_ext.strategies.base import (
     Strategy,
+    adapted_modules,
     average_tensors,
     factor_kind,
     fedavg_weights,
@@ -68,14 +69,11 @@ class FlexLoRA(Strategy):
         return out
 
     def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
-        p = fedavg_weights(replies).double()
-        ranks = [next(t.shape[0] for n, t in r.tensors.items() if factor_kind(n) == "lora_A") for r in replies]
-        weights = p * torch.tensor([self.scaling(rank) for rank in ranks], dtype=torch.float64)  # p_k s_k
+        weights = self.product_weights(replies, torch.float64)  # p_k s_k
         G = self.global_rank()
         s_G = self.scaling(G)
         updated = {}
-        modules = sorted({n.rsplit(".", 1)[0] for n in replies[0].tensors if factor_kind(n) == "lora_A"})
-        for module in modules:
+        for module in adapted_modules(replies[0]):
             a, b = f"{module}.lora_A", f"{module}.lora_B"
             U, S, Vh = stacked_svd([r.tensors[b] for r in replies], [r.tensors[a] for r in replies], weights)
             B, A = truncated_factors(U, S, Vh, G, s_G)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fedlora_ext.core.state import GlobalState
 from fedlora_ext.strategies.base import (
+    adapted_modules,
     average_tensors,
     factor_kind,
     fedavg_weights,
@@ -29,10 +30,8 @@ class FLoRA(MergingStrategy):
 
     def aggregate(self, state: GlobalState, replies, round_index: int) -> GlobalState:
         p = fedavg_weights(replies)
-        ranks = [next(t.shape[0] for n, t in r.tensors.items() if factor_kind(n) == "lora_A") for r in replies]
-        weights = p * p.new_tensor([self.scaling(rank) for rank in ranks])  # p_k s_k
-        modules = sorted({n.rsplit(".", 1)[0] for n in replies[0].tensors if factor_kind(n) == "lora_A"})
-        for module in modules:
+        weights = self.product_weights(replies)  # p_k s_k
+        for module in adapted_modules(replies[0]):
             Bs = [r.tensors[f"{module}.lora_B"] for r in replies]
             As = [r.tensors[f"{module}.lora_A"] for r in replies]
             self.merge(state, module, Bs, As, weights, round_index)
