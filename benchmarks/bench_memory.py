@@ -6,6 +6,12 @@ Usage (from the repository root)::
     python benchmarks/bench_memory.py --smoke               # tiny Llama, 6 configurations, 2 at a time: < 1 min
     python benchmarks/bench_memory.py --methods fedit flora --dtypes float32 --dp off
     python benchmarks/bench_memory.py --json benchmarks/results/bench_memory.json
+    python benchmarks/bench_memory.py --shape 1b --methods fedit --dtypes bfloat16 nf4 int8 --no-checkpointing-check
+
+``--dtypes nf4 fp4 int8``: a bitsandbytes base (QLoRA) computing in bfloat16, built in code one layer at a
+time (each linear weight drawn in bfloat16 and quantised at once; embeddings, norms and the head stay
+bfloat16). ``--shape 1b``: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, FFN 5632,
+vocab 32000: 1.03B parameters).
 
 The model is ``LlamaForSequenceClassification`` (hidden 768, 12 layers, 12 heads, FFN 2048, vocab
 32000: ~110M parameters), built in code, seeded, directly in the target dtype (no float32 copy
@@ -18,8 +24,10 @@ high-water mark that only grows. In that process, in order:
 3. the model is built; ``weights``: sum of numel * element_size over its parameters and buffers;
 4. ``Simulation(config, train_data, test_data, base_model=model).run()`` for one round (4 clients,
    all participating, ``local_steps`` 1, then the evaluation of the global model on 8 examples);
-5. ``peak``: VmHWM (peak RSS) from /proc/self/status; ``peak - baseline``: what the model and the
-   round added; on CUDA also ``torch.cuda.max_memory_allocated``.
+5. ``peak``: VmHWM (peak RSS) from /proc/self/status, reset once more after the model is built (a
+   quantised model is built one layer at a time and its 16-bit temporaries are returned first), so it is
+   the round's peak with the model in memory; ``peak - baseline``: what the model and the round added;
+   on CUDA also ``torch.cuda.max_memory_allocated``.
 
 Methods: fedit, ffa_lora, fedsa_lora at rank 8; flora with client ranks 8,4,2,1 and, as the
 comparison point, flora with rank 8 for all four clients; hetlora with ranks 8,4,2,1; lora_a2 and
@@ -66,12 +74,22 @@ METHOD_LABELS = tuple(dict.fromkeys(label for label, _, _ in METHODS))
 #: ~110M parameters as LlamaForSequenceClassification
 FULL_MODEL = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
               "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 512}
+#: --shape 1b: ~1.03B parameters, TinyLlama-1.1B's shape (grouped-query attention, 4 KV heads)
+ONE_B_MODEL = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+               "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 512}
+SHAPES = {"110m": FULL_MODEL, "1b": ONE_B_MODEL}
+#: --dtypes beyond float32 / bfloat16: bitsandbytes bases (QLoRA), computing in bfloat16
+QUANTIZED = ("nf4", "fp4", "int8")
+#: the 4-bit target at the 1b shape (issue 26): its embeddings and head stay 16-bit, so not 0.25
+QUANTIZED_LIMIT = 0.45
 #: --smoke: checks that the script runs end to end, in seconds
 SMOKE_MODEL = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
 #: the warm-up round before the baseline (see run_one)
 WARMUP_MODEL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                 "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+#: the warm-up of a quantised row: bitsandbytes quantises blocks of 64 weights
+WARMUP_QUANTIZED = dict(WARMUP_MODEL, hidden_size=64, intermediate_size=128)
 SMOKE_CONFIGS = (  # (method, ranks, dtype, dp): each code path and target once, plus the checkpointing pair
     ("flora", (8, 4, 2, 1), "float32", False),
     ("flora", (8, 8, 8, 8), "float32", False),
@@ -148,7 +166,9 @@ def run_one(spec: dict) -> dict:
         pass
     torch.set_num_threads(spec["threads"])
     row = dict(spec, fedlora_ext_file=fedlora_ext.__file__)
-    seq_len, dtype = spec["seq_len"], getattr(torch, spec["dtype"])
+    quantization = spec["dtype"] if spec["dtype"] in QUANTIZED else "none"
+    seq_len = spec["seq_len"]
+    dtype = torch.bfloat16 if quantization != "none" else getattr(torch, spec["dtype"])
     n_train = NUM_CLIENTS * EXAMPLES_PER_CLIENT
     train = synthetic_dataset("classification", n_train, seq_len, NUM_LABELS, seed=0)
     test = synthetic_dataset("classification", TEST_EXAMPLES, seq_len, NUM_LABELS, seed=1)
@@ -160,7 +180,8 @@ def run_one(spec: dict) -> dict:
             rounds=1, local_steps=spec["local_steps"], batch_size=spec["batch_size"], seq_len=seq_len,
             num_labels=NUM_LABELS, num_examples=n_train, dirichlet_alpha=None,
             dp_noise_multiplier=1.0 if spec["dp"] else None, dp_noise_seed=0 if spec["dp"] else None,
-            eval_examples=TEST_EXAMPLES, model_dtype=spec["dtype"], device=spec["device"],
+            eval_examples=TEST_EXAMPLES, model_dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+            device=spec["device"],
             gradient_checkpointing=spec["gradient_checkpointing"], target_modules=("q_proj", "v_proj"),
             seed=0)
     except (TypeError, ValueError) as error:
@@ -173,6 +194,8 @@ def run_one(spec: dict) -> dict:
     def build(model_kwargs):
         cfg = tf.LlamaConfig(**model_kwargs, num_labels=NUM_LABELS, pad_token_id=0, bos_token_id=1, eos_token_id=1)
         torch.manual_seed(0)
+        if quantization != "none":
+            return quantized_llama(cfg, quantization, dtype)
         return tf.LlamaForSequenceClassification._from_config(cfg, dtype=dtype)  # built in dtype, no fp32 copy
 
     if device.type == "cuda":  # the CUDA context (hundreds of MB of host memory) belongs in the baseline
@@ -184,7 +207,8 @@ def run_one(spec: dict) -> dict:
         # round of the same configuration on a micro Llama does that before the baseline is taken.
         warm = time.perf_counter()
         try:
-            Simulation(config, train_data=train, test_data=test, base_model=build(WARMUP_MODEL)).run(progress=False)
+            warmup = WARMUP_QUANTIZED if quantization != "none" else WARMUP_MODEL
+            Simulation(config, train_data=train, test_data=test, base_model=build(warmup)).run(progress=False)
         except Exception as error:  # noqa: BLE001  (the measured round raises it again, with figures)
             row["warmup_error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
         row["seconds_warmup"] = time.perf_counter() - warm
@@ -197,10 +221,18 @@ def run_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     with torch.device(device):  # on CUDA the weights are drawn there, with no host copy
         model = build(spec["model"])
+    # a quantised model is built one layer at a time, and the 16-bit temporaries of that build stay in the
+    # heap (glibc keeps them): returned, and the high-water mark started again, so the peak is the round's
+    # with the model in memory (a no-op for a model built directly in its dtype)
+    row["build_peak_bytes"] = _status_kib("VmHWM") * 1024
+    gc.collect()
+    _malloc_trim()
+    row["peak_reset_after_build"] = _reset_peak_rss()
     row["params"] = sum(p.numel() for p in model.parameters())
     row["weight_bytes"] = (sum(p.numel() * p.element_size() for p in model.parameters())
                            + sum(b.numel() * b.element_size() for b in model.buffers()))
     row["model_dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    row["params"] = row["params"] if quantization == "none" else logical_params(model)
     row["baseline_bytes"] = baseline
     row["after_model_bytes"] = _status_kib("VmRSS") * 1024
 
@@ -233,6 +265,59 @@ def run_one(spec: dict) -> dict:
     return row
 
 
+def quantized_llama(cfg, kind: str, dtype):
+    """A random ``LlamaForSequenceClassification`` whose linear layers are bitsandbytes ``kind`` layers,
+    built in code one layer at a time: the model is laid out on the meta device, each linear weight is
+    drawn in ``dtype`` and quantised at once (at most one layer's 16-bit weight exists at a time), then the
+    rest (embeddings, norms, the head, the rotary table) is drawn on the CPU. No file, so no file-backed
+    pages in the peak."""
+    import torch
+    import transformers as tf
+    from torch import nn
+
+    from fedlora_ext.data.quantized import HEADS, import_bitsandbytes, keep_trainable_layout
+
+    bnb = import_bitsandbytes()
+    with torch.device("meta"):
+        model = tf.LlamaForSequenceClassification._from_config(cfg, dtype=dtype)
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.rsplit(".", 1)[-1] in HEADS:
+            continue
+        weight = torch.empty(module.out_features, module.in_features, dtype=dtype).normal_(0, 0.02)
+        with torch.device("meta"):
+            if kind == "int8":
+                layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=dtype,
+                                          compress_statistics=True, quant_type=kind)
+        if kind == "int8":
+            layer.weight = bnb.nn.Int8Params(weight.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+        else:
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type=kind)
+        model.set_submodule(name, layer.to("cpu"))  # .to quantises
+        del weight
+    for module in model.modules():  # what is still on the meta device: drawn on the CPU
+        for key, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                value = torch.ones(p.shape, dtype=p.dtype) if p.dim() == 1 else torch.empty(p.shape, dtype=p.dtype).normal_(0, 0.02)
+                module._parameters[key] = nn.Parameter(value, requires_grad=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # its inv_freq buffer, computed
+    return keep_trainable_layout(model)
+
+
+def logical_params(model) -> int:
+    """Parameters as the model's shape counts them (a 4-bit weight is stored packed, two per byte)."""
+    from torch import nn
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features + (module.bias.numel() if module.bias is not None else 0)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
 # ------------------------------------------------------------------------------------------- the grid
 
 
@@ -241,9 +326,10 @@ def _ranks_text(ranks) -> str:
 
 
 def build_grid(args) -> list[dict]:
-    model = SMOKE_MODEL if args.smoke else FULL_MODEL
-    common = {"model": model, "local_steps": 1, "batch_size": args.batch_size, "threads": args.threads,
-              "device": args.device, "smoke": args.smoke, "warmup": args.warmup, "source": args.source}
+    model = SMOKE_MODEL if args.smoke else SHAPES[args.shape]
+    common = {"model": model, "shape": "smoke" if args.smoke else args.shape, "local_steps": 1, "batch_size": args.batch_size, "threads": args.threads,
+              "device": args.device, "smoke": args.smoke, "warmup": args.warmup, "source": args.source,
+              "mmap_threshold": args.mmap_threshold}
     grid = []
     if args.smoke and not args.methods_given:
         wanted = list(SMOKE_CONFIGS)
@@ -263,6 +349,8 @@ def build_grid(args) -> list[dict]:
 def run_subprocess(spec: dict, timeout: float) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    if spec.get("mmap_threshold"):  # glibc: blocks this large are mmapped and unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(spec["mmap_threshold"])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT,
                               check=False)
@@ -279,17 +367,18 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value / MB:.0f}"
 
 
-HEADER = (f"{'method':<11} {'ranks':<8} {'dtype':<9} {'dp':<3} {'seq':>4} {'gc':<3} {'weights MB':>10} "
+HEADER = (f"{'shape':<5} {'method':<11} {'ranks':<8} {'dtype':<9} {'dp':<3} {'seq':>4} {'gc':<3} {'weights MB':>10} "
           f"{'baseline MB':>11} {'peak MB':>8} {'peak-base MB':>12} {'cuda MB':>8} {'seconds':>8}  note")
 
 
 def format_row(r: dict) -> str:
     seconds = r.get("seconds")
-    return (f"{r['method']:<11} {_ranks_text(r['ranks']):<8} {r['dtype']:<9} {'on' if r['dp'] else 'off':<3} "
+    return (f"{r.get('shape', '110m'):<5} {r['method']:<11} {_ranks_text(r['ranks']):<8} {r['dtype']:<9} {'on' if r['dp'] else 'off':<3} "
             f"{r['seq_len']:>4} {'on' if r['gradient_checkpointing'] else 'off':<3} {_mb(r.get('weight_bytes')):>10} "
             f"{_mb(r.get('baseline_bytes')):>11} {_mb(r.get('peak_bytes')):>8} "
             f"{_mb(r.get('peak_minus_baseline_bytes')):>12} {_mb(r.get('cuda_max_allocated_bytes')):>8} "
-            f"{'-' if seconds is None else f'{seconds:.1f}':>8}  {r.get('error', '')}")
+            f"{'-' if seconds is None else f'{seconds:.1f}':>8}  "
+            f"{'mmap >= ' + _mb(r['mmap_threshold']) + ' MB ' if r.get('mmap_threshold') else ''}{r.get('error', '')}")
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -332,6 +421,18 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
         worst = max(bf16_rows, key=lambda t: t["value"])
         out.append(dict(worst, target="bf16 / fp32 (peak - baseline), worst method <= 0.65",
                         case=f"worst: {worst['case']}"))
+    for r in grid:  # a quantised base against the bfloat16 one it computes in, same run
+        if r["dtype"] not in QUANTIZED or "error" in r or not r.get("peak_bytes"):
+            continue
+        bf16 = _find(grid, method=r["method"], ranks=r["ranks"], dtype="bfloat16", dp=r["dp"], shape=r.get("shape"))
+        if bf16 is None or bf16["peak_minus_baseline_bytes"] <= 0:
+            continue
+        value = r["peak_minus_baseline_bytes"] / bf16["peak_minus_baseline_bytes"]
+        limit = QUANTIZED_LIMIT if r["dtype"] in ("nf4", "fp4") and r.get("shape") == "1b" else None
+        out.append({"target": f"{r['dtype']} / bf16 (peak - baseline)" + (f" <= {limit} at 1b" if limit else ", reported"),
+                    "case": f"{r.get('shape')} {r['method']} {'DP' if r['dp'] else 'no DP'}", "value": round(value, 3),
+                    "limit": limit, "met": value <= limit if limit else True,
+                    "detail": f"{_mb(r['peak_minus_baseline_bytes'])} MB vs {_mb(bf16['peak_minus_baseline_bytes'])} MB"})
     checkpointing = [r for r in rows if r.get("group") == "checkpointing"]
     without = _find(checkpointing, gradient_checkpointing=False)
     with_gc = _find(checkpointing, gradient_checkpointing=True)
@@ -396,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print its row
     parser.add_argument("--methods", nargs="+", choices=METHOD_LABELS, default=None,
                         help="methods to run (flora runs both 8,4,2,1 and 8,8,8,8); default all")
-    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", *QUANTIZED), default=["float32", "bfloat16"],
+                        help="base dtypes; nf4 / fp4 / int8: a bitsandbytes base computing in bfloat16")
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="110m",
+                        help="the Llama: 110m (hidden 768, 12 layers) or 1b (TinyLlama-1.1B's shape, 22 layers)")
     parser.add_argument("--dp", nargs="+", choices=("on", "off"), default=["off", "on"])
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per example of the method grid (default 64)")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -416,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="import fedlora_ext from this folder instead of the installed package (a before/after "
                              "comparison: git archive <commit> fedlora_ext | tar -x -C DIR, then copy _C*.so in)")
     parser.add_argument("--note", default=None, help="free text stored in the JSON header (e.g. which commit --source is)")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="MALLOC_MMAP_THRESHOLD_ of the measured processes: glibc then maps every block this large "
+                             "on its own and unmaps it when freed, so RSS follows live memory (default: glibc's "
+                             "dynamic threshold, which keeps freed blocks of up to 32 MB in the heap)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     parser.add_argument("--json", default=None, help=f"output (default {DEFAULT_JSON.relative_to(REPO_ROOT)}; "
                                                      "--smoke: bench_memory_smoke.json)")
@@ -432,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = build_grid(args)
     info = machine()
     started = time.perf_counter()
-    print(f"{len(grid)} configurations, each in its own process; {'smoke model' if args.smoke else 'Llama ~110M'}, "
+    print(f"{len(grid)} configurations, each in its own process; {'smoke model' if args.smoke else 'Llama ' + args.shape}, "
           f"{NUM_CLIENTS} clients x {EXAMPLES_PER_CLIENT} examples, local_steps 1, batch {args.batch_size}, "
           f"seq_len {args.seq_len}, eval on {TEST_EXAMPLES}; {args.threads} threads; "
           f"{info.get('cpu_model')}, {info['os_cpu_count']} cores, torch {info['torch']}\n")

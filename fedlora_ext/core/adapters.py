@@ -9,6 +9,7 @@ module path inside the base model, e.g. ``bert.encoder.layer.0.attention.self.qu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from fedlora_ext import ops
 from fedlora_ext.core.latent import LatentDown
+from fedlora_ext.data.quantized import is_quantized, peft_without_bitsandbytes
 
 _PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"
@@ -109,11 +111,9 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, task_type: str, rank: in
             f"candidates: {sorted({n.split('.')[-1] for n, m in model.named_modules() if _linear_like(m)})}"
         )
     for name in targets:
-        module = model.get_submodule(name)
-        w = module.weight
-        smallest = min(w.shape)
-        if r > smallest:
-            raise ValueError(f"rank {r} is larger than layer {name} allows (weight {tuple(w.shape)}): at most {smallest}")
+        shape = _weight_shape(model.get_submodule(name))
+        if r > min(shape):
+            raise ValueError(f"rank {r} is larger than layer {name} allows (weight {shape}): at most {min(shape)}")
     fan_in_fan_out = any(_is_fan_in_fan_out(model.get_submodule(n)) for n in targets)
     if spec.kind == "vera":
         config = VeraConfig(r=r, target_modules=list(spec.target_modules), task_type=task_type,
@@ -124,13 +124,22 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec, task_type: str, rank: in
         config = LoraConfig(r=r, lora_alpha=spec.alpha, target_modules=list(spec.target_modules),
                             use_rslora=spec.rslora, lora_dropout=spec.dropout, task_type=task_type,
                             fan_in_fan_out=fan_in_fan_out)
-    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+    # a float base keeps peft from importing bitsandbytes (fedlora_ext.data.quantized says why)
+    hidden = contextlib.nullcontext() if is_quantized(model) else peft_without_bitsandbytes()
+    with warnings.catch_warnings(), hidden:  # peft calls a transformers API that transformers 5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, config)
     if spec.latent:
         for layer in adapter_layers(model).values():
             layer.lora_A[ADAPTER] = LatentDown(layer.lora_A[ADAPTER])
     return model
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The logical shape of a layer's weight (a bitsandbytes 4-bit weight is stored packed, [n / 2, 1])."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return tuple(module.weight.shape)
 
 
 def _linear_like(module: nn.Module) -> bool:

@@ -21,6 +21,7 @@ import tomllib
 
 TASKS = ("classification", "causal_lm", "sft")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # bitsandbytes bases: fedlora_ext.data.quantized
 LR_SCHEDULES = ("constant", "cosine")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
@@ -66,6 +67,11 @@ class FedConfig:
             tiny models), ``"float32"``, ``"bfloat16"`` or ``"float16"``. Adapters, the head, optimizer
             state, per-sample gradients, clipping, noise and aggregation stay float32; over a 16-bit base
             the forward runs under autocast.
+        quantization: the base's linear layers loaded through bitsandbytes (QLoRA): ``"none"`` (default),
+            ``"nf4"`` or ``"fp4"`` (4-bit, double quantisation) or ``"int8"``. Needs a model folder and
+            ``pip install "fedlora_ext[quantization]"``. The rest of the base (embeddings, norms) and the
+            4-bit matmuls run in ``model_dtype``, whose ``auto`` means bfloat16 here. Methods that merge
+            into the base (FLoRA, FedEx-LoRA) are refused: a quantised weight cannot hold their merges.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
     Federation:
         method: a strategy name from :mod:`fedlora_ext.strategies` (``fedit``, ``ffa_lora`` ...).
@@ -74,6 +80,9 @@ class FedConfig:
         lr_schedule: the clients' learning rate over the rounds: ``constant`` (``lr`` every round) or
             ``cosine`` (``lr * (1 + cos(pi * t / rounds)) / 2`` in round t = 0, 1, ...: large steps first,
             small ones last, so the noise of the last rounds' DP steps moves the final model least).
+        lr_schedule_rounds: the rounds the schedule spans (unset: ``rounds``); a round after them keeps the
+            last one's lr. A run extended with ``fedlora run --resume DIR --rounds N`` sets it to the rounds
+            it had planned, so the rounds it ran keep their meaning and the new ones go on at the final lr.
     Reliability:
         min_clients: the fewest valid replies a round may aggregate; with fewer, the simulator retries
             the round with a new sample ``round_retries`` times, then skips it (Flower stops the run).
@@ -124,6 +133,10 @@ class FedConfig:
         dp_max_grad_norm: the per-sample clipping bound C. dp_accountant: ``"rdp"`` or ``"prv"`` (opacus).
         dp_noise_seed: unset (the default) draws each client's noise key from the OS CSPRNG; a value
             makes runs reproducible for experiments and tests, and is then no secret.
+        dp_calibration_rounds, dp_calibration_epsilon: the rounds (DP-SGD's and DP-FedAvg's) and the
+            epsilon (DP-SGD's) sigma was calibrated for; unset: ``rounds`` and ``dp_epsilon``. A run
+            extended with ``--resume DIR --rounds N`` (and a raised budget, ``--epsilon``) pins them, so its
+            noise stays what it was; ``dp_epsilon`` is then the budget its guard admits steps against.
     Client-level DP at the server, DP-FedAvg (on when ``server_dp_epsilon`` or ``server_dp_noise_multiplier``
         is set): each update is clipped to ``server_dp_clip``, clients are Poisson-sampled with rate
         ``participation`` and weighted uniformly, and the sum gets ``N(0, (sigma clip)^2)`` before dividing
@@ -141,6 +154,7 @@ class FedConfig:
     client_ranks: tuple[int, ...] = ()
     device: str = "auto"
     model_dtype: str = "auto"
+    quantization: str = "none"
     gradient_checkpointing: bool = False
     num_clients: int = 4
     participation: float = 1.0
@@ -149,6 +163,7 @@ class FedConfig:
     batch_size: int = 16
     lr: float = 5e-3
     lr_schedule: str = "constant"
+    lr_schedule_rounds: int | None = None
     optimizer: str = "adamw"
     fedprox_mu: float = 0.0
     dirichlet_alpha: float | None = 0.5
@@ -184,6 +199,8 @@ class FedConfig:
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     dp_noise_seed: int | None = None
+    dp_calibration_rounds: int | None = None
+    dp_calibration_epsilon: float | None = None
     server_dp_epsilon: float | None = None
     server_dp_delta: float | None = None
     server_dp_noise_multiplier: float | None = None
@@ -202,8 +219,9 @@ class FedConfig:
 
     def round_lr(self, round_index: int) -> float:
         """The clients' learning rate in round ``round_index`` (0-based) under ``lr_schedule``."""
-        if self.lr_schedule == "cosine":
-            return self.lr * (1 + math.cos(math.pi * round_index / self.rounds)) / 2
+        if self.lr_schedule == "cosine":  # over lr_schedule_rounds, then at its last round's lr
+            span = self.lr_schedule_rounds or self.rounds
+            return self.lr * (1 + math.cos(math.pi * min(round_index, span - 1) / span)) / 2
         return self.lr
 
     def __post_init__(self) -> None:
@@ -222,6 +240,8 @@ class FedConfig:
              f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {self.device!r}"),
             (self.model_dtype in MODEL_DTYPES,
              f"model_dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}"),
+            (self.quantization in QUANTIZATIONS,
+             f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"),
             (self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}"),
             (0 < self.participation <= 1, f"participation must be in (0, 1], got {self.participation}"),
             (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
@@ -231,6 +251,13 @@ class FedConfig:
             (self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
+            (self.lr_schedule_rounds is None or self.lr_schedule_rounds >= 1,
+             f"lr_schedule_rounds must be >= 1 or unset (the schedule spans rounds), got {self.lr_schedule_rounds}"),
+            (self.dp_calibration_rounds is None or self.dp_calibration_rounds >= 1,
+             f"dp_calibration_rounds must be >= 1 or unset (calibrated for rounds), got {self.dp_calibration_rounds}"),
+            (self.dp_calibration_epsilon is None or (self.dp_epsilon is not None and self.dp_calibration_epsilon > 0),
+             f"dp_calibration_epsilon must be > 0 and goes with dp_epsilon (the budget), got "
+             f"{self.dp_calibration_epsilon} with dp_epsilon {self.dp_epsilon}"),
             (self.fedprox_mu >= 0, f"fedprox_mu must be >= 0, got {self.fedprox_mu}"),
             (self.dirichlet_alpha is None or self.dirichlet_alpha > 0,
              f"dirichlet_alpha must be > 0 (or None for IID), got {self.dirichlet_alpha}"),

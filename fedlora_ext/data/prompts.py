@@ -151,3 +151,12 @@ def leading_special_ids(tokenizer) -> list[int]:
             return list(full[:k])
     return []
 
+
+def split_prefix(text: str, tokenizer, lead: list[int]) -> tuple[list[int], str]:
+    """(the special ids before a rendered prompt, the text tokenised after them without special tokens):
+    a text that starts with the BOS token (as chat templates write it) keeps that one BOS, any other gets
+    ``lead`` (:func:`leading_special_ids`). Training and generation both build prompts this way."""
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    if bos and text.startswith(bos):
+        return [tokenizer.bos_token_id], text[len(bos):]
+    return list(lead), text

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedlora_ext.data.models import load_tokenizer, resolve_model
 from fedlora_ext.data.pipeline import DataSpec, Tokens, prepare
+from fedlora_ext.data.quantized import require_bitsandbytes
 from fedlora_ext.data.synthetic import synthetic_dataset
 from fedlora_ext.data.tiny_models import (
     build_model,
@@ -54,6 +55,7 @@ def build_task(config) -> Task:
         ValueError, FileNotFoundError: one line naming the argument (dataset, label_column, model, seq_len).
     """
     model_name = resolve_model(config.model)
+    require_bitsandbytes(config.quantization)  # before the data is read: a missing extra is found in seconds
     check_decoder(model_name, config.task, shown=config.model)
     check_seq_len(model_name, config.seq_len)
     if config.dataset == "synthetic":
@@ -67,7 +69,8 @@ def build_task(config) -> Task:
     data = prepare(DataSpec.of(config), tokens, labels=labels)
     tokenizer, sft = data.tokenizer, config.task == "sft"
     model = build_model(model_name, "causal_lm" if sft else config.task, 2 if sft else len(data.names), config.seed,
-                        vocab_size=len(tokenizer), dtype=_dtype(config))
+                        vocab_size=len(tokenizer), dtype=_dtype(config), quantization=config.quantization,
+                        device=config.device)
     model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification finds the last real token
     if not sft:
         return Task(data.train, data.test, model, data.names, data.eval_split, data.notes,
@@ -85,7 +88,8 @@ def _synthetic_task(config, model_name: str) -> Task:
     train = synthetic_dataset(config.task, config.num_examples, config.seq_len, config.num_labels, config.seed)
     n_test = max(config.num_examples // 4, 8)
     test = synthetic_dataset(config.task, n_test, config.seq_len, config.num_labels, config.seed + 1)
-    model = build_model(model_name, config.task, config.num_labels, config.seed, dtype=_dtype(config))
+    model = build_model(model_name, config.task, config.num_labels, config.seed, dtype=_dtype(config),
+                        quantization=config.quantization, device=config.device)
     return Task(train, test, model, [], f"a separate synthetic test set ({n_test} examples, seed {config.seed + 1})")
 
 

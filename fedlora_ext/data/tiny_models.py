@@ -13,7 +13,8 @@ _HIDDEN, _LAYERS, _HEADS, _FFN, _POSITIONS = 32, 2, 2, 64, 128
 
 
 def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size: int = VOCAB,
-                dtype: torch.dtype | None = None) -> nn.Module:
+                dtype: torch.dtype | None = None, quantization: str = "none",
+                device: str | None = None) -> nn.Module:
     """A model for ``task`` (``"classification"`` or ``"causal_lm"``), deterministic for a seed.
 
     Args:
@@ -24,10 +25,16 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
         vocab_size: of the tiny models (a real tokenizer's size when they read real text).
         dtype: of the weights; None: a folder's own (its config's ``dtype``), float32 for the tiny models.
             A folder is loaded straight into it, tensor by tensor (never a float32 copy first).
+        quantization: ``"nf4"``, ``"fp4"`` or ``"int8"`` loads a folder's linear layers through
+            bitsandbytes (:mod:`fedlora_ext.data.quantized`), onto ``device`` (quantised weights are placed
+            as they load); ``dtype`` (None: bfloat16) is then the compute dtype and that of the other weights.
     """
     import transformers as tf
 
     classification = task == "classification"
+    if quantization != "none" and name in TINY:
+        raise ValueError(f"quantization {quantization!r}: the tiny model {name!r} is built in code, not loaded, and "
+                         "narrower than bitsandbytes' 64-wide blocks; quantise a model folder (--model PATH)")
     if name not in TINY:
         if classification:
             check_saved_head(name, num_labels)
@@ -36,11 +43,18 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
         kwargs = {"use_safetensors": True, "low_cpu_mem_usage": True, "dtype": dtype or "auto"}
         if classification:
             kwargs["num_labels"] = num_labels
+        if quantization != "none":
+            kwargs.update(quantized_loading(quantization, dtype, device))
         try:
-            return auto.from_pretrained(name, **kwargs)
+            model = auto.from_pretrained(name, **kwargs)
         except (OSError, ValueError, RuntimeError, KeyError) as error:  # no weights, a bad config, a size mismatch
             message = f"model {name!r} could not be loaded: {type(error).__name__}: {error}"
             raise ValueError(_one_line(message)) from None
+        if quantization == "none":
+            return model
+        from fedlora_ext.data.quantized import keep_trainable_layout
+
+        return keep_trainable_layout(model)
     if name == "tiny-bert":
         config = tf.BertConfig(vocab_size=vocab_size, hidden_size=_HIDDEN, num_hidden_layers=_LAYERS,
                                num_attention_heads=_HEADS, intermediate_size=_FFN,
@@ -65,6 +79,27 @@ def build_model(name: str, task: str, num_labels: int, seed: int = 0, vocab_size
     finally:
         torch.random.set_rng_state(state)
     return model if dtype is None else model.to(dtype)  # drawn in float32, so every dtype starts from one draw
+
+
+def dequantized_model(name: str, task: str, num_labels: int, quantization: str,
+                      dtype: torch.dtype | None = None) -> nn.Module:
+    """The weights a ``quantization`` run trained over, dequantised into a plain model (``dtype``, None:
+    bfloat16) on the CPU: what an export merges into and what evaluation scores; it computes what the
+    quantised model computes (a 4-bit layer dequantises its weight to that dtype before every matmul)."""
+    return build_model(name, task, num_labels, dtype=dtype, quantization=quantization, device="cpu").dequantize()
+
+
+def quantized_loading(quantization: str, dtype: torch.dtype | None, device: str | None) -> dict:
+    """``from_pretrained`` arguments that load the linear layers through bitsandbytes onto ``device``
+    (``"auto"`` or None: the current GPU when torch sees one, else the CPU; checked by the run before)."""
+    from fedlora_ext.data.quantized import bitsandbytes_config
+
+    dtype = dtype or torch.bfloat16
+    where = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    if where.startswith("cuda") and not torch.cuda.is_available():  # bitsandbytes places it as it loads
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no usable GPU to load the {quantization} "
+                         "base onto; use --device cpu (or auto, which falls back to the CPU)")
+    return {"quantization_config": bitsandbytes_config(quantization, dtype), "dtype": dtype, "device_map": {"": where}}
 
 
 def _one_line(text: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora_ext.data.prompts import end_token_id, leading_special_ids, render_prompt
+from fedlora_ext.data.prompts import end_token_id, leading_special_ids, render_prompt, split_prefix
 
 
 @dataclass
@@ -125,18 +125,13 @@ def tokenize_sft(data, tokenizer, seq_len: int, cache_file: str | Path | None = 
     end = end_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     lead = leading_special_ids(tokenizer)
-    bos_text = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
     chars = seq_len * 16
 
     def encode(batch):
         prefixes, bodies = [], []
         for prompt, fmt in zip(batch["prompt"], batch["format"]):
-            text = render_prompt(prompt, tokenizer, fmt)
-            if bos_text and text.startswith(bos_text):
-                prefixes.append([tokenizer.bos_token_id])
-                text = text[len(bos_text):]
-            else:
-                prefixes.append(lead)
+            prefix, text = split_prefix(render_prompt(prompt, tokenizer, fmt), tokenizer, lead)
+            prefixes.append(prefix)
             bodies.append(text[-chars:] if len(text) > chars else text)
         body_ids = tokenizer(bodies, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(list(batch["response"]), add_special_tokens=False)["input_ids"]

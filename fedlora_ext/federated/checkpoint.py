@@ -323,6 +323,16 @@ def read_index(run_dir: str | Path) -> dict:
     return index
 
 
+def update_config(run_dir: str | Path, config: dict) -> None:
+    """Puts ``config`` in the index of the last checkpoint (a resumed run's new total of rounds or moved
+    inputs), so that a run stopped before its next checkpoint continues with it: the index is written as
+    always (temporary file + rename), the files it names are untouched."""
+    index = read_index(run_dir)
+    if index["config"] != config:
+        index["config"] = config
+        write_atomic(Path(run_dir) / INDEX, json.dumps(index).encode())
+
+
 def _load_checked(path: Path, sha256: str, index_file: Path) -> dict[str, Tensor]:
     if not path.exists() or _sha256(path) != sha256:
         raise ValueError(f"{path} is missing or does not match the SHA-256 in {index_file}")

@@ -22,6 +22,7 @@ from fedlora_ext.core import adapters
 from fedlora_ext.core.device import autocast, base_dtype, model_device, resolve_device, resolve_dtype, to_device
 from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.state import ClientState, GlobalState, Reply
+from fedlora_ext.data.quantized import is_quantized
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.dp.sgd import ClientPrivacy, noisy_gradients_, summed_loss
 from fedlora_ext.strategies.base import Strategy, make_strategy
@@ -107,7 +108,11 @@ class ModelBench:
 
 
 def place_base(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-    """The base model on ``device`` in ``dtype`` (None: as loaded), in place, frozen."""
+    """The base model on ``device`` in ``dtype`` (None: as loaded), in place, frozen. A quantised base was
+    loaded onto its device in its dtype, and bitsandbytes' weights cannot be cast."""
+    if is_quantized(model):
+        model.requires_grad_(False)
+        return model
     if dtype is not None and base_dtype(model) != dtype:
         model.to(dtype=dtype)
     model.to(device)

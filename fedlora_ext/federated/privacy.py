@@ -4,7 +4,9 @@ Sample-level DP (every client): sigma is calibrated per client before training, 
 steps it could take over the whole run (``rounds * local_steps_per_round``) at q = batch / n_k, so the
 target epsilon holds even if it is sampled every round; a client sampled less spends less. A client is
 never sampled past its budget: before it trains, its account checks that this round's steps keep epsilon
-<= the target (:func:`budget_refusal`); retried rounds and resumed runs cannot overspend. Delta defaults
+<= the target (:func:`budget_refusal`); retried rounds and resumed runs cannot overspend. A run extended
+with more rounds keeps the sigma calibrated at its start, and its new rounds must fit each client's budget
+(:mod:`fedlora_ext.federated.extension`). Delta defaults
 to ``min(1e-5, 1 / (10 n_k))`` per client and ``min(1e-5, 1 / (10 N))`` for DP-FedAvg over N clients.
 
 Client-level DP at the server (DP-FedAvg, McMahan et al. 2018, arXiv 1710.06963): each client is in
@@ -35,15 +37,26 @@ def _noise_stream(config: FedConfig, *labels) -> NoiseStream:
     return NoiseStream(derive_seed(config.dp_noise_seed, "noise", *labels))
 
 
+def calibration_rounds(config: FedConfig) -> int:
+    """The rounds DP noise is calibrated for: ``rounds``, or what an extended run pinned
+    (``dp_calibration_rounds``), so that extending a run never changes the noise of its rounds."""
+    return config.dp_calibration_rounds or config.rounds
+
+
 def client_account(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> PrivacyAccount:
     """A client's DP-SGD account, calibrated to ``dp_epsilon`` (or ``dp_noise_multiplier``) from public
-    values only (n_k, q = B / n_k, the most steps of the run), so the server can compute it too."""
+    values only (n_k, q = B / n_k, the most steps of the run), so the server can compute it too. An
+    extended run's sigma stays the one calibrated at its start (``dp_calibration_epsilon`` over
+    ``dp_calibration_rounds``); its budget, the target the guard admits steps against, is ``dp_epsilon``."""
     rate = min(1.0, config.batch_size / max(num_examples, 1))
-    return PrivacyAccount.calibrate(
+    calibrated = config.dp_epsilon if config.dp_calibration_epsilon is None else config.dp_calibration_epsilon
+    account = PrivacyAccount.calibrate(
         who=f"client {cid} (n = {num_examples})", population=num_examples, sample_rate=rate,
-        max_steps=config.rounds * strategy.local_steps_per_round(num_examples), accountant=config.dp_accountant,
-        target_epsilon=config.dp_epsilon, delta=config.dp_delta, noise_multiplier=config.dp_noise_multiplier,
-        accountant_key="dp_accountant")
+        max_steps=calibration_rounds(config) * strategy.local_steps_per_round(num_examples),
+        accountant=config.dp_accountant, target_epsilon=calibrated, delta=config.dp_delta,
+        noise_multiplier=config.dp_noise_multiplier, accountant_key="dp_accountant")
+    account.target_epsilon = config.dp_epsilon  # the budget (None with a given sigma: no guard)
+    return account
 
 
 def client_privacy(config: FedConfig, strategy: Strategy, cid: int, num_examples: int) -> ClientPrivacy:
@@ -106,11 +119,12 @@ class ServerPrivacy:
         self.num_clients = num_clients
         self.account = PrivacyAccount.calibrate(
             who=f"server DP-FedAvg (N = {num_clients} clients)", population=num_clients,
-            sample_rate=config.participation, max_steps=config.rounds, accountant=config.server_dp_accountant,
+            sample_rate=config.participation, max_steps=calibration_rounds(config),
+            accountant=config.server_dp_accountant,
             target_epsilon=config.server_dp_epsilon, delta=config.server_dp_delta,
             noise_multiplier=config.server_dp_noise_multiplier, accountant_key="server_dp_accountant")
         self.noise = _noise_stream(config, "server")
-        self.max_rounds = config.rounds
+        self.max_rounds = calibration_rounds(config)
 
     def sample(self, round_index: int, clients: list[ClientState]) -> list[ClientState]:
         """Each client independently with probability ``participation`` (possibly none)."""

@@ -20,13 +20,22 @@ import torch
 from fedlora_ext.core import adapters
 from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.state import ClientState, GlobalState
+from fedlora_ext.data.inputs import model_fingerprint
 from fedlora_ext.data.task import build_task
 from fedlora_ext.dp.per_sample import PerSampleGradients
 from fedlora_ext.errors import RunError
-from fedlora_ext.federated.checkpoint import CheckpointWriter, RunState, read_index, read_run, write_atomic
+from fedlora_ext.federated.checkpoint import (
+    CheckpointWriter,
+    RunState,
+    read_index,
+    read_run,
+    update_config,
+    write_atomic,
+)
 from fedlora_ext.federated.client import ModelBench, derive_seed, run_client_round
 from fedlora_ext.federated.comm import CommLedger
 from fedlora_ext.federated.evaluate import eval_subset, evaluate, evaluate_sft
+from fedlora_ext.federated.extension import check_budget, extended_config
 from fedlora_ext.federated.partition import (
     dirichlet_partition,
     iid_partition,
@@ -34,6 +43,7 @@ from fedlora_ext.federated.partition import (
 )
 from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy, client_privacy, privacy_report
 from fedlora_ext.federated.release import release_statement
+from fedlora_ext.federated.run_inputs import check_same_inputs, relocated
 from fedlora_ext.federated.server import Server
 from fedlora_ext.strategies.base import Strategy, make_strategy
 
@@ -67,7 +77,7 @@ class Simulation:
         base = base_model if base_model is not None else task.model
         self.label_names = task.label_names if task is not None else []
         self.tokenizer = task.tokenizer if task is not None else None  # decodes SFT sample generations
-        self.data = data_description(task, self.train_data, self.test_data)
+        self.data = data_description(task, self.train_data, self.test_data, config.model)
         self.bench = ModelBench(config, base)
         self.clients, self.client_data = self._make_clients()
         init = initial_model(self.bench, self.strategy)
@@ -80,6 +90,7 @@ class Simulation:
         self.history: list[dict] = []
         self.generations: list[dict] | None = None  # the last round's SFT sample generations
         self.rounds_done = 0
+        self.extended_from: int | None = None  # resumed with more rounds: the total planned before
         self._checkpoints: CheckpointWriter | None = None
         self._touched: set[int] = set()  # clients sampled since the last checkpoint
 
@@ -254,6 +265,8 @@ class Simulation:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(out_dir, self.config, self.label_names, self.data, bench=self.bench)
+            if self._checkpoints is not None:  # resumed: an extended total or moved inputs hold from now on
+                update_config(out_dir, self.config.to_dict())
             # a resumed run rewrites the rounds it has (a killed run may have logged one more)
             write_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history).encode())
             keep_generations(out_dir, self.rounds_done)
@@ -303,24 +316,35 @@ class Simulation:
                         self.ledger.rounds, self.history, torch.get_rng_state())
 
     @classmethod
-    def resume(cls, run_dir: str | Path) -> Simulation:
+    def resume(cls, run_dir: str | Path, *, rounds: int | None = None, dp_epsilon: float | None = None,
+               dataset: str | None = None, model: str | None = None) -> Simulation:
         """A run rebuilt from its folder's last checkpoint; ``run()`` continues with the next round.
         Everything is rebuilt from the configuration and seeds as at the start, then the checkpointed
-        state replaces what the rounds changed, so the rest of the run is the uninterrupted run's."""
+        state replaces what the rounds changed, so the rest of the run is the uninterrupted run's.
+
+        ``rounds``: the new total of rounds, more than done (completed runs too), with ``dp_epsilon`` a
+        raised DP-SGD budget (:mod:`fedlora_ext.federated.extension`; ``extended_from`` is then the total
+        the run had). ``dataset`` / ``model``: the new place of an input that moved, accepted when its
+        fingerprint is the recorded one (:mod:`fedlora_ext.federated.run_inputs`)."""
         run_dir = Path(run_dir)
         try:
-            index_config = read_index(run_dir)["config"]
+            index = read_index(run_dir)
         except ValueError as error:
             raise ValueError(f"resume: {error}") from None
-        config = FedConfig.from_dict({**index_config, "out_dir": str(run_dir)})
+        moved = {"dataset": dataset, "model": model}
+        planned = FedConfig.from_dict({**index["config"], "out_dir": str(run_dir)})
+        config = extended_config(relocated(planned, run_dir, moved), int(index["rounds_done"]), rounds, dp_epsilon)
         torch.manual_seed(config.seed)
         sim = cls(config)
-        check_same_data(sim, run_dir)
+        check_same_inputs(config, sim.data, run_dir, moved)
         try:
             run = read_run(run_dir, device=sim.bench.device, keys=True)
         except ValueError as error:
             raise ValueError(f"resume: {error}") from None
         sim._restore(run)
+        if rounds is not None:
+            check_budget(sim, sim.rounds_done)
+            sim.extended_from = planned.rounds if rounds != planned.rounds else None
         sim._checkpoints = CheckpointWriter(run_dir, resumed=run)
         return sim
 
@@ -329,9 +353,10 @@ class Simulation:
         if [c.cid for c in run.clients] != [c.cid for c in self.clients]:
             raise ValueError("resume: the checkpoint's clients do not match the run's partition")
         for client, fresh in zip(run.clients, self.clients):
-            if client.privacy is not None and client.privacy.account.target_epsilon is None \
-                    and fresh.privacy is not None:  # a checkpoint from before the budget guard: the config's target
+            if client.privacy is not None and fresh.privacy is not None:
+                # the config's budget: raised by an extension, or missing in a checkpoint from before the guard
                 client.privacy.account.target_epsilon = fresh.privacy.account.target_epsilon
+                check_same_noise(client, fresh)
         self.clients = run.clients
         self.state = GlobalState(tensors=run.state.tensors, base={n: t.clone() for n, t in run.state.base.items()},
                                  info=run.state.info)
@@ -448,24 +473,25 @@ def privacy_metrics(config: FedConfig, epsilons: dict[str, float], clients: list
     return out
 
 
-def data_description(task, train_data, test_data) -> dict:
+def data_description(task, train_data, test_data, model: str | None = None) -> dict:
     """What a run trains and evaluates on: sizes, the test split, notes (rows dropped ...) and the
-    content's fingerprint; written to data.json, printed in the run's header."""
-    return {"train": len(train_data), "test": len(test_data),
-            "eval_split": task.eval_split if task is not None else "given by the caller",
-            "notes": list(task.notes) if task is not None else [],
-            "fingerprint": task.fingerprint if task is not None else ""}
+    content's fingerprint, with ``model`` a local model folder's too (``model_fingerprint``); written to
+    data.json, printed in the run's header."""
+    described = {"train": len(train_data), "test": len(test_data),
+                 "eval_split": task.eval_split if task is not None else "given by the caller",
+                 "notes": list(task.notes) if task is not None else [],
+                 "fingerprint": task.fingerprint if task is not None else ""}
+    fingerprint = model_fingerprint(model) if model is not None and task is not None else ""
+    return {**described, "model_fingerprint": fingerprint} if fingerprint else described
 
 
-def check_same_data(sim: Simulation, run_dir: Path) -> None:
-    """A resumed run must read the data it started with: an edited data file is refused."""
-    try:
-        started = json.loads((run_dir / "data.json").read_text()).get("fingerprint", "")
-    except (OSError, ValueError):
-        return  # a run from before data.json: nothing to compare
-    if started and started != sim.data["fingerprint"]:
-        raise ValueError(f"--resume {run_dir}: dataset {sim.config.dataset!r} has changed since the run started "
-                         "(its content no longer matches data.json); start a new run instead")
+def check_same_noise(restored: ClientState, fresh: ClientState) -> None:
+    """A resumed client's sigma is the one its configuration calibrates (an extended run pins the
+    calibration): the noise of a run's rounds is never recalibrated."""
+    had, now = restored.privacy.account.noise_multiplier, fresh.privacy.account.noise_multiplier
+    if had != now:
+        raise ValueError(f"resume: client {restored.cid}'s noise multiplier in the checkpoint ({had:.6g}) differs from "
+                         f"the one its configuration calibrates ({now:.6g}); the run's noise cannot change mid-run")
 
 
 def write_run_config(out_dir: Path, config: FedConfig, label_names: list[str], data: dict | None = None,

@@ -251,4 +251,9 @@ def make_strategy(config: FedConfig) -> Strategy:
     """The strategy named by ``config.method``, validated against the configuration."""
     if config.method not in _REGISTRY:
         raise ValueError(f"unknown method {config.method!r}; known methods: {strategy_names()}")
-    return _REGISTRY[config.method](config)
+    cls = _REGISTRY[config.method]
+    if cls.merges_base and config.quantization != "none":
+        raise ValueError(f"method {config.method!r} merges each round's update into the base weights, which a "
+                         f"{config.quantization} base cannot hold exactly (re-quantising would round the merges "
+                         "away); use --quantize none or a method that keeps the base fixed")
+    return cls(config)
