@@ -338,7 +338,7 @@ def build_grid(args) -> list[dict]:
                   for label, method, ranks in METHODS if label in args.methods]
     for method, ranks, dtype, dp in wanted:
         grid.append(dict(common, method=method, ranks=list(ranks), dtype=dtype, dp=dp, seq_len=args.seq_len,
-                         gradient_checkpointing=False, group="grid"))
+                         gradient_checkpointing=args.gradient_checkpointing, group="grid"))
     if args.checkpointing_check and ("fedit" in args.methods or args.smoke and not args.methods_given):
         for gc in (False, True):
             grid.append(dict(common, method="fedit", ranks=[8] * NUM_CLIENTS, dtype="float32", dp=False,
@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in each measured process (default 2; --smoke: 1, with 2 jobs)")
     parser.add_argument("--device", default="cpu", help="FedConfig.device (cpu, cuda, auto)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every configuration of the grid with gradient checkpointing (QLoRA's setting)")
     parser.add_argument("--no-checkpointing-check", dest="checkpointing_check", action="store_false",
                         help=f"skip the fedit seq_len {GC_SEQ_LEN} pair with / without gradient checkpointing")
     parser.add_argument("--smoke", action="store_true",

@@ -220,3 +220,17 @@ def test_a_float_run_never_imports_bitsandbytes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert "gemm_4bit" not in done.stderr
+
+
+@needs_bnb
+def test_bitsandbytes_warnings_never_reach_the_console(tmp_path):
+    """Once opacus is imported the root logger has a console handler; bitsandbytes' and kernels' records
+    (a kernel not fetched, the Hub offline) must still stay off the console."""
+    code = ("import logging\nlogging.basicConfig()\nfrom fedlora_ext.data.quantized import import_bitsandbytes\n"
+            "import_bitsandbytes()\nlogging.getLogger('bitsandbytes.cextension').warning('from bitsandbytes')\n"
+            "logging.getLogger('kernels.x').warning('from kernels')\nlogging.getLogger('other').warning('from other')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "from other" in done.stderr  # the console handler works ...
+    assert "from bitsandbytes" not in done.stderr and "from kernels" not in done.stderr  # ... and they skip it
+    assert "gemm_4bit" not in done.stderr

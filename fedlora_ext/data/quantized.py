@@ -45,8 +45,11 @@ def import_bitsandbytes():
         return sys.modules["bitsandbytes"]
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
+        # off the root logger (opacus gives it a console handler) and logging's last resort; a job's
+        # --log-file handler is added to these loggers themselves (fedlora_ext.app.job_log)
+        logger.propagate = False
         if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
-            logger.addHandler(logging.NullHandler())  # stops logging's last resort printing to stderr
+            logger.addHandler(logging.NullHandler())
     with _hub_offline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import bitsandbytes
