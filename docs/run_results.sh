@@ -44,7 +44,13 @@ e_fedprox() { "${FEDLORA[@]}" compare "${SMALL[@]}" "${NODP[@]}" --methods fedit
 f_dp_new_methods() { "${FEDLORA[@]}" compare "${SMALL[@]}" --methods flexlora fedsvd flora ffa_lora --dp on \
   --epsilons 8 --out docs/results/f_dp_new_methods; }
 
-SECTIONS=(a_dp c_personalisation d_lora_a2 b_heterogeneous_ranks a_nodp f_dp_new_methods b_exactness e_fedprox)
+# (g) the main job at full scale over a bfloat16 and an NF4 base (needs pip install "fedlora_ext[quantization]";
+#     about 12 minutes a run on 2 shared cores, so 2 seeds)
+g_quantized() { "${FEDLORA[@]}" compare --methods ffa_lora --dp on --dtype bfloat16 \
+  --vary 'quantization=["none", "nf4"]' --seeds 2 --quiet --overwrite --out docs/results/g_quantized; }
+
+SECTIONS=(a_dp c_personalisation d_lora_a2 b_heterogeneous_ranks a_nodp f_dp_new_methods b_exactness e_fedprox
+          g_quantized)
 CHOSEN=("$@")
 if [[ $# -eq 0 ]]; then CHOSEN=("${SECTIONS[@]}"); fi
 for section in "${CHOSEN[@]}"; do
