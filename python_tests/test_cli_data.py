@@ -125,7 +125,7 @@ def test_empty_labels_are_refused_with_rows_or_dropped_and_counted(tmp_path, cap
     rows[10] = (rows[10][0], "   ")
     write_csv(tmp_path / "my.csv", rows)
     code, _, lines = run_cli(["--dataset", "my.csv", "--out", "bad"], capsys)
-    assert_refused(code, lines, "dataset 'my.csv'", "3 row(s)", "label_column 'label'", "data rows 4, 8, 11",
+    assert_refused(code, lines, "my.csv'", "3 row(s)", "label_column 'label'", "data rows 4, 8, 11",
                    "drop_invalid_rows")
     code, out, _ = run_cli(["--dataset", "my.csv", "--set", "drop_invalid_rows=true", "--out", "dropped"], capsys)
     assert code == 0 and "summary:" in out
@@ -269,7 +269,7 @@ def test_a_model_folder_without_config_is_refused(tmp_path, capsys, monkeypatch)
     (tmp_path / "mymodel" / "model.safetensors").write_bytes(b"")
     write_csv(tmp_path / "my.csv", reviews())
     code, _, lines = main(["run", *TINY_RUN, "--model", "mymodel", "--dataset", "my.csv"]), *capsys.readouterr()
-    assert_refused(code, lines.strip().splitlines(), "model folder 'mymodel'", "no config.json")
+    assert_refused(code, lines.strip().splitlines(), "mymodel' has no config.json", "no config.json")
 
 
 def test_a_seq_len_beyond_the_model_is_refused(tmp_path, capsys, monkeypatch):

@@ -38,11 +38,9 @@ def _label_names(loaded) -> list[str]:
 def read_texts(dataset: str, config) -> tuple[list[str], str]:
     """(every text of ``dataset`` in its order, what was read), through the pipeline's read and clean
     stages for plain documents: the text column only, bad texts refused with their row numbers."""
-    from fedlora_ext.data.clean import clean
-    from fedlora_ext.data.read import read
+    from fedlora_ext.data.pipeline import unlabelled_documents
 
-    raw = read(dataset, "documents", text_column=config.text_column, encoding=config.encoding)
-    rows = clean(raw, drop=False)
+    raw, rows = unlabelled_documents(dataset, text_column=config.text_column, encoding=config.encoding)
     texts = [text for part in rows.parts.values() for text in part]
     if not texts:
         raise ValueError(f"--dataset {dataset!r} holds no rows to label")

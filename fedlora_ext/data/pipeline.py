@@ -86,3 +86,12 @@ def prepare(spec: DataSpec, tokens=None, *, labels=None) -> Prepared:
     return Prepared(train[0], test[0], {"train": train[1], "test": test[1]}, rows.names, rows.format,
                     parts.eval_split, tuple(rows.notes + parts.notes + rows.label_notes), prints,
                     {"train": len(parts.train), "test": len(parts.test)}, tokens and tokens.tokenizer)
+
+
+def unlabelled_documents(dataset: str, *, text_column: str | None, encoding: str):
+    """(the raw table, its cleaned rows) of ``dataset`` read as plain documents, for a model to label
+    (``fedlora predict``): the read and clean stages only, nothing dropped (a bad text is refused with its
+    row number), no split, no labels."""
+    raw = read(dataset, "documents", text_column=text_column, encoding=encoding)
+    return raw, clean(raw, drop=False)
+
