@@ -179,6 +179,22 @@ def test_a_quantised_run_trains_with_and_without_dp(bert_folder, kind, method, d
 
 
 @needs_bnb
+def test_a_quantised_run_on_flower_equals_the_simulator(bert_folder):
+    """NF4 with DP-SGD through the Flower strategy and ClientApp (in-memory grid): every node loads the
+    quantised base from the same folder and the run ends where the simulator's does, bit for bit."""
+    pytest.importorskip("flwr")
+    from test_flower import assert_same_run, run_flower
+
+    from fedlora_ext.federated.simulation import simulate
+
+    config = _config(bert_folder, method="ffa_lora", num_clients=3, dp_noise_multiplier=1.0, dp_noise_seed=5)
+    sim = simulate(config, progress=False)
+    flower, _ = run_flower(config)
+    assert quantized.quantized_modules(flower.bench.base_model)
+    assert_same_run(sim, flower)
+
+
+@needs_bnb
 def test_exports_are_over_the_dequantised_base_and_compute_what_the_run_computed(bert_folder, tmp_path):
     run = tmp_path / "run"
     args = ("--model", bert_folder, "--quantize", "nf4", "--method", "fedit", "--no-dp", "--set", "rounds=2",
