@@ -34,6 +34,15 @@ FLAGS = ["--preset", "fedit", "--clients", "3", "--local-steps", "1", "--set", "
          "--quiet"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_in_subprocesses():
+    """The CLI runs under test use one intra-op thread, as the in-process reference runs do (one_thread):
+    a reduction split over two threads rounds differently, and these tests compare adapters bitwise."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 def write_csv(path: Path, flip: bool = False) -> Path:
     """60 short rows of two topics (``flip`` swaps the labels: other content, same shape)."""
     words = {"sport": "ball goal team match win", "tech": "chip code data cloud app"}
