@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 SERVER_NODE = 1
@@ -12,12 +13,15 @@ SERVER_NODE = 1
 
 class InMemoryGrid(Grid):
     """Nodes ``node_configs`` (node id -> node_config) running ``client_app``; ``fail(node_id, when)``
-    makes a node answer with an error (as a crashed node's message does) or drop replies."""
+    makes a node answer with an error (as a crashed node's message does) or drop replies. ``run_id``: the
+    Flower run's id (a resumed run is a new one)."""
 
-    def __init__(self, client_app, node_configs: dict[int, dict]) -> None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, SERVER_NODE
+    def __init__(self, client_app, node_configs: dict[int, dict], run_id: int = 7) -> None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE
         self.client_app = client_app
-        self.contexts = {nid: Context(run_id=7, node_id=nid, node_config=dict(cfg), state=RecordDict(), run_config={})
+        self._run = Run.create_empty(run_id)
+        self.contexts = {nid: Context(run_id=run_id, node_id=nid, node_config=dict(cfg), state=RecordDict(),
+                                      run_config={})
                          for nid, cfg in node_configs.items()}
         self.dead: set[int] = set()
         self.tamper = None  # (node_id, reply, message) -> reply: a misbehaving client
@@ -27,7 +31,7 @@ class InMemoryGrid(Grid):
         self._run = run
 
     @property
-    def run(self):  # pragma: no cover
+    def run(self):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover

@@ -250,7 +250,9 @@ def test_flower_run_saves_its_base_and_exports(tmp_path):
                   "num-clients": 3, "rounds": 2, "local-steps": 1, "num-examples": 48, "seq-len": 16,
                   "batch-size": 16, "out-dir": str(out), "round-timeout": 60.0}
     run_server(InMemoryGrid(client_app, nodes), run_config)
-    assert (out / "base_model" / "model.safetensors").is_file() and not (out / "checkpoint.json").exists()
+    assert (out / "base_model" / "model.safetensors").is_file() and (out / "checkpoint.json").exists()
+    with pytest.raises(ValueError, match="which a Flower run keeps on its nodes"):
+        export_run(out, "merged", tmp_path / "client", client=0)
     export_run(out, "peft", tmp_path / "peft")
     export_run(out, "merged", tmp_path / "merged")
     loaded = load_run(out)

@@ -13,10 +13,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,139 +28,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fedlora_ext.federated.simulation import simulate  # noqa: E402
 from fedlora_ext.flower.run_config import config_from_run_config  # noqa: E402
-from pausing import PAUSE_DEADLINE, flower_pauses, paused_marker, release, request_pause, wait_for_pause  # noqa: E402
-
-APP = Path(__file__).resolve().parents[1] / "apps" / "fedlora"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Deployment:
-    """A SuperLink and supernodes as child processes, each in its own session (its process group
-    holds the SuperExec and ClientApp processes it starts), stopped by id. The ServerApps the SuperLink
-    starts inherit its environment, so a test can pause one between rounds (``pause_dir``, pausing.py)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.home = root / "flwr_home"
-        self.home.mkdir(parents=True)
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-        self.pause_dir = root / "pauses"
-        self.pause_dir.mkdir()
-        self.env = flower_pauses(self.env, self.pause_dir)
-        self.port = free_port()
-        self.processes: dict[str, subprocess.Popen] = {}
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
-
-    def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        self.processes[name] = subprocess.Popen(args, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-
-    def start(self, node_configs: list[str]) -> None:
-        self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                  "--database", str(self.root / "state.db"), "--disable-runtime-dependency-installation"])
-        self._wait_healthy(self.port, "superlink")
-        for i, node_config in enumerate(node_configs):
-            self.start_supernode(f"supernode{i}", node_config)
-
-    def start_supernode(self, name: str, node_config: str) -> None:
-        self._start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                           "--port", str(free_port()), "--node-config", node_config])
-
-    def wait_registered(self, name: str, timeout: float = PAUSE_DEADLINE) -> None:
-        """Returns once supernode ``name`` is registered and online at the SuperLink: it logs its
-        node id only after the SuperLink activated it."""
-        deadline, log = time.monotonic() + timeout, self.root / f"{name}.log"
-        while "SuperNode ID:" not in log.read_text():
-            if self.processes[name].poll() is not None:
-                raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} not registered after {timeout} s")
-            time.sleep(0.05)
-
-    def _wait_healthy(self, port: int, name: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[name].poll() is not None:
-                raise RuntimeError(f"{name} exited: {(self.root / f'{name}.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError(f"{name} not healthy after {timeout} s")
-
-    @staticmethod
-    def command(run_config: dict, connection: str = "local") -> list[str]:
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        return ["flwr", "run", str(APP), connection, "--stream", "--run-config", overrides]
-
-    def run(self, run_config: dict, connection: str = "local", timeout: float = 420.0) -> subprocess.CompletedProcess:
-        """`flwr run` to its end on ``connection`` (a name in FLWR_HOME's config.toml), output captured."""
-        return subprocess.run(self.command(run_config, connection), env=self.env, cwd=self.root, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def run_interrupted(self, run_config: dict, interrupt, after_round: int = 1, timeout: float = 600.0) -> str:
-        """`flwr run` with the server paused once round ``after_round`` is recorded: ``interrupt()`` runs
-        during the pause, then the run goes on to its end. Returns its output (also in flwr-run.log)."""
-        request, log = request_pause(self.pause_dir, after_round), self.root / "flwr-run.log"
-        with open(log, "w") as handle:
-            run = subprocess.Popen(self.command(run_config), env=self.env, cwd=self.root, stdout=handle,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_pause(paused_marker(self.pause_dir, after_round), run, log=log)
-            interrupt()
-            release(request)
-            run.wait(timeout=timeout)
-        finally:
-            release(request)
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait(timeout=10)
-        return log.read_text()
-
-    def kill(self, name: str) -> None:
-        """SIGKILL to process ``name``'s group (a supernode and the ClientApps it started); returns once
-        the process is gone."""
-        os.killpg(self.processes[name].pid, signal.SIGKILL)
-        self.processes[name].wait(timeout=10)
-
-    def stop(self) -> None:
-        for process in self.processes.values():  # by id: the process group each child leads
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            try:  # the SuperExec and ClientApp processes it started
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def stop_detached(self) -> None:
-        """Processes that outlive the CLI which started them (the simulation engine's local SuperLink):
-        found by our FLWR_HOME in their environment, stopped by id."""
-        marker = f"FLWR_HOME={self.home}".encode()
-        for environ in Path("/proc").glob("[0-9]*/environ"):
-            try:
-                if marker in environ.read_bytes().split(b"\0"):
-                    os.kill(int(environ.parent.name), signal.SIGKILL)
-            except (OSError, ValueError):
-                continue
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+from deploytools import Deployment, free_port  # noqa: E402
+from pausing import PAUSE_DEADLINE, paused_marker, release, request_pause, wait_for_pause  # noqa: E402
 
 
 @pytest.fixture
@@ -219,17 +86,86 @@ def test_deployment_matches_the_simulator(case, deployment, tmp_path):
     assert_matches_simulator(run_config, out, tmp_path / "simulated", ranks)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Flower's simulation engine needs flwr[simulation] (Ray)")
-def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
-    """The same app on Flower's simulation engine (a `:local:` connection, Ray): FFA-LoRA with DP-SGD."""
+def test_a_supernode_killed_after_sharing_its_keys_leaves_the_secure_round_to_the_others(deployment, tmp_path):
+    """SecAgg+ on real processes: the server is paused once round 1's keys are shared, supernode 2 is
+    killed, and the round goes on (secagg-threshold = 2 of 3): its masks are rebuilt from the others'
+    shares, the two survivors' mean is aggregated, and the failure names the stage it missed."""
+    out = tmp_path / "run"
+    run_config = small_run(out, **{**SECURE, "dp-noise-seed": "none", "dp-epsilon": "none"})
+    deployment.start([f"partition-id={i} num-partitions=3" for i in range(3)])
+    output = deployment.run_interrupted(run_config, lambda: deployment.kill("supernode2"), after_round="1-share_keys")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", output[-3000:] + deployment.logs()
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["clients"] == [0, 1] and "collect_masked_vectors" in line["failed"]["2"], line
+
+
+def use_simulation_engine(deployment: Deployment) -> None:
+    """The deployment's `flwr run` goes to a `:local:` connection (the simulation engine, 3 SuperNodes)."""
     (deployment.home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = ":local:"\noptions.num-supernodes = 3\n')
     deployment.env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+def test_simulation_engine_matches_the_simulator(deployment, tmp_path):
+    """The same app on Flower's simulation engine (a `:local:` connection, Ray): FFA-LoRA with DP-SGD."""
+    use_simulation_engine(deployment)
     out = tmp_path / "run"
     run_config = small_run(out, **{"method": "ffa_lora", "rank": 4, "dp-noise-seed": 5})
     result = deployment.run(run_config, "sim")  # from tmp_path, the deployment's root
     assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
     assert_matches_simulator(run_config, out, tmp_path / "simulated")
+
+
+SECURE = {"method": "ffa_lora", "rank": 4, "rounds": 1, "dp-noise-seed": 5, "secure-aggregation": True,
+          "secagg-shares": 3, "secagg-threshold": 2}
+
+
+def assert_secure_run_within_the_bound(run_config: dict, out: Path, reference: Path) -> None:
+    """A one-round SecAgg+ run against the plain run (the simulator, which plain Flower equals bit for bit):
+    every value within the quantisation bound of the clients summed (fedlora_ext.flower.secure), plus the
+    float32 rounding both do; the update bytes are the masked vectors'."""
+    from fedlora_ext.flower.secure import SecureSettings, quantization_bound
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 1, summary
+    config, _ = config_from_run_config(run_config)
+    plain = simulate(config.replace(secure_aggregation=False, out_dir=str(reference)), progress=False)
+    ours, theirs = load_file(str(out / "adapter.safetensors")), load_file(str(reference / "adapter.safetensors"))
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert line["clients"] == plain.history[0]["clients"] == [0, 1, 2]
+    limit = quantization_bound(SecureSettings.of(config), {c.cid: c.num_examples for c in plain.clients})
+    assert ours.keys() == theirs.keys() and ours
+    for name in ours:
+        rounding = 4 * torch.finfo(torch.float32).eps * float(theirs[name].abs().max())
+        assert float((ours[name] - theirs[name]).abs().max()) <= limit + rounding, name
+
+
+def test_secure_aggregation_on_the_deployment_engine(deployment, tmp_path):
+    """FFA-LoRA with DP-SGD under SecAgg+ on a SuperLink and three SuperNodes (Flower's secaggplus_mod
+    on each node, our stage driver in the ServerApp): the plain run's adapter within the bound, and the
+    same privacy.json as the plain Flower run on the same nodes."""
+    out, plain = tmp_path / "run", tmp_path / "plain"
+    run_config = small_run(out, **SECURE)
+    deployment.start([f"partition-id={i} num-partitions=3" for i in range(3)])
+    for config in (run_config, {**run_config, "secure-aggregation": False, "out-dir": str(plain)}):
+        result = deployment.run(config)
+        assert result.returncode == 0, result.stdout[-3000:] + deployment.logs()
+    assert_secure_run_within_the_bound(run_config, out, tmp_path / "simulated")
+    report = json.loads((out / "privacy.json").read_text())
+    assert report and report == json.loads((plain / "privacy.json").read_text())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Flower's simulation engine needs flwr[simulation] (Ray)")
+def test_secure_aggregation_on_the_simulation_engine(deployment, tmp_path):
+    """The same secure run on the simulation engine (three virtual SuperNodes, Ray)."""
+    use_simulation_engine(deployment)
+    out = tmp_path / "run"
+    run_config = small_run(out, **SECURE)
+    result = deployment.run(run_config, "sim")
+    assert result.returncode == 0 and (out / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    assert_secure_run_within_the_bound(run_config, out, tmp_path / "simulated")
 
 
 def test_a_supernode_killed_mid_run_leaves_the_rounds_to_the_others(deployment, tmp_path):
@@ -286,3 +222,50 @@ def test_a_restarted_supernode_keeps_its_budget_and_never_reuses_noise(deploymen
     asked = report["clients"]["0"]["steps"]
     assert client.privacy.account.steps == asked and client.privacy.noise.offset == asked
     assert sum(t["steps"] for r in rounds for t in r["trainings"] if t["client"] == 0) == asked
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_its_superlink_is_killed_ends_as_the_uninterrupted_one(deployment, tmp_path):
+    """FFA-LoRA with DP-SGD (a fixed noise key), three rounds, nodes with a state-dir. One run goes through;
+    in a second, the SuperLink's process group (the ServerApp it started included) gets SIGKILL while the
+    server is paused after round 2 (checkpointed), the SuperLink starts again on its port and database, the
+    supernodes reconnect, and `flwr run ... resume=true` continues the run to the uninterrupted run's
+    adapter, metrics and privacy.json."""
+    from fedlora_ext.app.run_folder import lock_holder
+    from fedlora_ext.federated.checkpoint import read_index
+
+    whole, stopped, state = tmp_path / "whole", tmp_path / "stopped", tmp_path / "node-state"
+    changes = {"method": "ffa_lora", "rank": 4, "rounds": 3, "dp-epsilon": 8.0, "dp-noise-seed": 5}
+    deployment.start([f'partition-id={i} num-partitions=3 state-dir="{state}"' for i in range(3)])
+    result = deployment.run(small_run(whole, **changes))
+    assert result.returncode == 0 and json.loads((whole / "summary.json").read_text())["status"] == "completed", \
+        result.stdout[-3000:] + deployment.logs()
+
+    request = request_pause(deployment.pause_dir, 2)
+    with open(tmp_path / "flwr-run.log", "w") as handle:
+        run = subprocess.Popen(deployment.command(small_run(stopped, **changes)), env=deployment.env, cwd=tmp_path,
+                               stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_pause(paused_marker(deployment.pause_dir, 2), run, log=tmp_path / "flwr-run.log")
+        deployment.kill("superlink")
+        deadline = time.monotonic() + PAUSE_DEADLINE  # a failure guard: the event is the lock's release
+        while lock_holder(stopped) is not None:  # the ServerApp is gone when its flock is
+            assert time.monotonic() < deadline, "the ServerApp outlived its SuperLink"
+            time.sleep(0.05)
+    finally:
+        release(request)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=10)
+    assert read_index(stopped)["rounds_done"] == 2 and not (stopped / "summary.json").exists()
+    deployment.start_superlink("superlink-restarted")
+    result = deployment.run({**small_run(stopped, **changes), "resume": True})
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert result.returncode == 0 and summary["status"] == "completed" and summary["rounds"] == 3, \
+        result.stdout[-3000:] + deployment.logs()
+    ours, theirs = load_file(str(stopped / "adapter.safetensors")), load_file(str(whole / "adapter.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    timings = ("seconds", "seconds_train", "seconds_aggregate", "seconds_eval")
+    rounds = [[{k: v for k, v in json.loads(line).items() if k not in timings}
+               for line in (folder / "metrics.jsonl").read_text().splitlines()] for folder in (stopped, whole)]
+    assert rounds[0] == rounds[1]
+    assert json.loads((stopped / "privacy.json").read_text()) == json.loads((whole / "privacy.json").read_text())

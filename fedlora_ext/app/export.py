@@ -5,9 +5,10 @@ base model (the run's ``base_model/`` for the built-in tiny models, else the mod
 the head sized by ``labels.json``), a :class:`ModelBench`, the strategy, and the state of the run's last
 checkpoint. The global model is then exactly what the run evaluated
 (:func:`fedlora_ext.federated.simulation.global_model`), and client K's own model what the run evaluated
-for K after its last round (:func:`fedlora_ext.federated.simulation.client_model`). A Flower run keeps no
-checkpoint (its clients' state lives on the nodes): its global model is rebuilt from
-``adapter.safetensors`` (global tensors and FLoRA / FedEx-LoRA's ``base_delta.<module>``).
+for K after its last round (:func:`fedlora_ext.federated.simulation.client_model`). A Flower run's
+checkpoint holds the server's state (its clients' state lives on the nodes): its global model only; a run
+without a checkpoint has its global model rebuilt from ``adapter.safetensors`` (global tensors and FLoRA /
+FedEx-LoRA's ``base_delta.<module>``).
 
 Formats:
 

@@ -246,9 +246,9 @@ def claim(folder: str | Path, *, overwrite: bool = False, command: str = "run") 
     try:
         markers = run_markers(folder)
         if markers and not reusable(folder) and not overwrite:
-            resume = (command == "run" and (folder / "checkpoint.json").exists()
-                      and _summary(folder).get("status") != "completed")
-            hint = f"continue it with `fedlora run --resume {folder}`, " if resume else ""
+            resume = (folder / "checkpoint.json").exists() and _summary(folder).get("status") != "completed"
+            hint = "" if not resume else ("continue it with resume=true, " if _flower_run(folder) else
+                                          f"continue it with `fedlora run --resume {folder}`, ")
             replace = "overwrite=true" if command == "flower" else "--overwrite"
             raise RunError(f"{folder} already holds a run ({_listing(markers)}); {hint}replace it with {replace} "
                            f"or choose another {out}")
@@ -263,6 +263,14 @@ def claim(folder: str | Path, *, overwrite: bool = False, command: str = "run") 
         lock.release(remove=False)
         raise
     return lock
+
+
+def _flower_run(folder: Path) -> bool:
+    """Whether the folder's checkpoint is a Flower server's (the run continues with ``resume=true``)."""
+    try:
+        return read_index(folder).get("nodes") is not None
+    except ValueError:
+        return False
 
 
 def lock_existing(folder: str | Path) -> RunLock | None:
@@ -345,7 +353,8 @@ def run_status(folder: str | Path) -> str:
     status = summary.get("status")
     if status is None and "final" in summary:  # a summary from before summaries had a status
         status = "completed"
-    resume = f"continue with fedlora run --resume {folder}"
+    resume = ("continue with `flwr run` and resume=true" if _flower_run(folder)
+              else f"continue with fedlora run --resume {folder}")
     if status == "completed":
         rounds = summary.get("rounds", done)
         line = f"{folder}: completed {rounds}{of} rounds"

@@ -6,8 +6,9 @@ tiny models, else the model folder of its config; the head sized by ``labels.jso
 :class:`ModelBench`, the strategy and the state of the run's last checkpoint, the global model is exactly
 what the run evaluated (:func:`fedlora_ext.federated.simulation.global_model`), and client K's own model
 what the run evaluated for K after its last round (:func:`fedlora_ext.federated.simulation.client_model`).
-A Flower run keeps no checkpoint (its clients' state lives on the nodes): its global model is rebuilt from
-``adapter.safetensors`` (global tensors and FLoRA / FedEx-LoRA's ``base_delta.<module>``).
+A Flower run's checkpoint holds the server's state (its clients' own tensors live on the nodes): the global
+model only. A run without a checkpoint (a Flower run from before they were written) has its global model
+rebuilt from ``adapter.safetensors`` (global tensors and FLoRA / FedEx-LoRA's ``base_delta.<module>``).
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def check_client(run_dir: Path, config: FedConfig, strategy: Strategy, client: i
         why = ("it holds no trained model yet" if not (run_dir / ADAPTER_FILE).is_file()
                else "a Flower run keeps its clients' state on their nodes")
         raise ValueError(f"--client needs the run's {INDEX} (every client's own tensors); {run_dir} has none ({why})")
+    if index.get("nodes") is not None:
+        raise ValueError(f"--client needs every client's own tensors, which a Flower run keeps on its nodes ({run_dir}'s "
+                         f"{INDEX} holds the server's state); leave out --client")
     entries = client_entries(index)
     cids = [int(m["cid"]) for m in entries]
     if client not in cids:

@@ -97,6 +97,17 @@ class FedConfig:
         dirichlet_alpha: label skew of the partition (Dir(alpha)); None partitions IID (in TOML, which
             has no null: ``dirichlet_alpha = "iid"``). min_client_examples: the smallest shard a
             Dirichlet draw may leave a client (strong skew leaves some with a handful).
+    Secure aggregation (Flower only; ``fedlora run`` refuses it):
+        secure_aggregation: SecAgg+ for the train step of every round: the server learns only the weighted
+            mean of the uploads, never one client's update (:mod:`fedlora_ext.flower.secure`). Only methods
+            whose aggregate is a weighted mean of same-shaped uploads at one rank, without server DP,
+            ``max_update_norm`` or a robust ``aggregation`` (they need each update).
+        secagg_shares: each client's secrets are split among this many nodes (itself included, a ring
+            of 2 (shares // 2) + 1, all sampled nodes when fewer); secagg_threshold (>= 2, <= shares) of
+            the shares rebuild one, so up to shares - threshold of a client's neighbours may drop out.
+        secagg_clipping_range, secagg_quantization_range: the client's update (its change this round)
+            is clipped to [-c, c] and quantised to T levels; the mean is then off by less than
+            2 c K / (s sum_k n_k) per value (K clients, s = T // max_k n_k; README, "Secure aggregation").
     Method knobs:
         hetlora_gamma, hetlora_lambda: HetLoRA's rank self-pruning (decay g and penalty weight).
         lora_a2_budget: LoRA-A2's rank budget per module on average (keeps budget * modules ranks).
@@ -214,6 +225,11 @@ class FedConfig:
     max_update_norm: float | None = None
     aggregation: str = "mean"
     trim_fraction: float = 0.1
+    secure_aggregation: bool = False
+    secagg_shares: int = 3
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_range: int = 2**22
     seed: int = 0
     out_dir: str | None = None
 
@@ -297,6 +313,12 @@ class FedConfig:
             (self.aggregation in ("mean", "median", "trimmed_mean"),
              f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {self.aggregation!r}"),
             (0 <= self.trim_fraction < 0.5, f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (self.secagg_shares >= 2, f"secagg_shares must be >= 2, got {self.secagg_shares}"),
+            (2 <= self.secagg_threshold <= self.secagg_shares,
+             f"secagg_threshold must be in [2, secagg_shares = {self.secagg_shares}], got {self.secagg_threshold}"),
+            (self.secagg_clipping_range > 0, f"secagg_clipping_range must be > 0, got {self.secagg_clipping_range}"),
+            (2 <= self.secagg_quantization_range <= 2**30,
+             f"secagg_quantization_range must be in [2, 2**30], got {self.secagg_quantization_range}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -310,6 +332,22 @@ class FedConfig:
             if min(self.client_ranks) < 1:
                 raise ValueError(f"FedConfig: client_ranks must all be >= 1, got {list(self.client_ranks)}")
         self._check_privacy()
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """What secure aggregation cannot run with: anything that needs one client's own update."""
+        if not self.secure_aggregation:
+            return
+        clash = ("server DP (DP-FedAvg clips each update before the sum, which the server no longer sees)"
+                 if self.server_dp else
+                 f"max_update_norm = {self.max_update_norm:g} (the server cannot see one update to measure it; "
+                 "secagg_clipping_range bounds each value instead)" if self.max_update_norm is not None else
+                 f"aggregation = {self.aggregation!r} (a robust statistic needs every update; only 'mean' is a sum)"
+                 if self.aggregation != "mean" else
+                 f"num_clients = {self.num_clients} (SecAgg+ needs at least 2 clients a round)"
+                 if self.num_clients < 2 else None)
+        if clash is not None:
+            raise ValueError(f"FedConfig: secure_aggregation cannot run with {clash}")
 
     def _check_types(self) -> None:
         """Each field against its annotation (TOML, ``--set`` and callers can pass anything); ints are

@@ -12,7 +12,8 @@ torch's generator state. It is stored so that a round writes what the round chan
   own has no file);
 * ``checkpoint.json``: the index, written last (temporary file + rename): the rounds done, the config,
   the history, and per client (in columns, a few dozen bytes each) its rank, example count, the round
-  its file was written in and that file's SHA-256.
+  its file was written in and that file's SHA-256; a Flower server's also ``nodes``, what it holds of
+  its nodes (the run key they keep their state under, their privacy reports; the rest is on the nodes).
 
 File names carry the round that wrote them and no file is ever rewritten, so a crash at any byte leaves
 the previous index and every file it names whole; files a newer index no longer names are removed only
@@ -64,6 +65,9 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     rng: Tensor | None = None
     files: dict[int, dict] = field(default_factory=dict)  # read: each client's index entry and stored meta
+    # a Flower server's (JSON): the key its nodes keep their state under and each node's own privacy
+    # report; None for a simulated run, whose clients' whole state is in the checkpoint
+    nodes: dict | None = None
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -226,6 +230,7 @@ class CheckpointWriter:
                                                            "offset": server["offset"]},
             "ledger": [{d: [[cid, n] for cid, n in r[d].items()] for d in r} for r in run.ledger],
             "history": run.history,
+            "nodes": run.nodes,
         }
         write_atomic(self.run_dir / INDEX, json.dumps(index).encode())
         self._remove_unnamed(index, written)
@@ -400,7 +405,7 @@ def _run_state(run_dir: Path, index: dict, tensors: dict[str, Tensor], clients: 
                   "offset": int(server["offset"]), "seed": _read_key(run_dir, "server") if keys else None}
     ledger = [{d: {int(c): int(n) for c, n in r[d]} for d in r} for r in index["ledger"]]
     return RunState(int(index["rounds_done"]), index["config"], state, clients, server, ledger,
-                    list(index["history"]), rng)
+                    list(index["history"]), rng, nodes=index.get("nodes"))
 
 
 def _read_format_1(run_dir: Path, index: dict, device, keys: bool) -> RunState:

@@ -68,6 +68,9 @@ class Simulation:
     """A federated run in one process. Build it, then ``run()``; ``step(round)`` runs one round."""
 
     def __init__(self, config: FedConfig, *, train_data=None, test_data=None, base_model=None) -> None:
+        if config.secure_aggregation:  # one process sees every update anyway: nothing to hide it from
+            raise ValueError("secure_aggregation is a Flower feature (SecAgg+ between nodes); run it with "
+                             "`flwr run apps/fedlora`, or set secure_aggregation = false for `fedlora run`")
         self.config = config
         self.strategy = make_strategy(config)
         seed = config.seed
@@ -331,6 +334,9 @@ class Simulation:
             index = read_index(run_dir)
         except ValueError as error:
             raise ValueError(f"resume: {error}") from None
+        if index.get("nodes") is not None:  # the server's state only: the clients' is on the nodes
+            raise ValueError(f"resume: {run_dir} holds a Flower run; continue it with `flwr run` and the run config "
+                             "resume=true (README, \"Running on Flower\")")
         moved = {"dataset": dataset, "model": model}
         planned = FedConfig.from_dict({**index["config"], "out_dir": str(run_dir)})
         config = extended_config(relocated(planned, run_dir, moved), int(index["rounds_done"]), rounds, dp_epsilon)

@@ -11,6 +11,9 @@ client before it (``steps-asked``); the node's account and noise offset never fa
 even a node that lost its state neither resets its budget nor reuses a (key, offset) pair. Replies
 hold only what the method uploads and fields public under the privacy guarantee (n_k, rank, the
 account's report; docs/PRIVACY.md); a private client's training loss stays in the node's own log.
+Under secure aggregation (``secure_aggregation``) a train message runs Flower's SecAgg+ client
+(:func:`secure_train_mod`): the upload leaves only masked, as the change from where the client started
+(:func:`secure_layout`), and its count only as the weight inside the masked vector.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ import json
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.device import resolve_device
@@ -106,15 +115,15 @@ class NodeRuntime:
             client.privacy = client_privacy(self.config, self.strategy, self.cid, self.num_examples)
         return client
 
-    def load(self, context: Context) -> tuple[ClientState, dict[str, torch.Tensor], int]:
+    def load(self, context: Context, run_key: int) -> tuple[ClientState, dict[str, torch.Tensor], int]:
         """The client, its merged base and merge marker from the node's state: Flower's, else the
-        node's state file (a restarted SuperNode), else fresh on first use."""
+        node's state file under ``run_key`` (a restarted SuperNode, a resumed run), else fresh on first use."""
         if _STATE in context.state:
             meta = json.loads(context.state[_STATE]["meta"])
             client = restore_client(meta, from_arrays(context.state[_TENSORS]))
             base = from_arrays(context.state[_BASE]) if _BASE in context.state else {}
             return client, base, int(context.state[_STATE]["merged-through"])
-        path = state_file(context.node_config, context.run_id, self.cid)
+        path = state_file(context.node_config, run_key, self.cid)
         stored = load_state(path) if path is not None else None
         if stored is not None:
             meta, tensors, base = stored
@@ -123,13 +132,13 @@ class NodeRuntime:
         base = {n: w.clone() for n, w in self.initial.base.items()}
         return self.new_client(), base, 0
 
-    def save(self, context: Context, client: ClientState, base: dict, merged_through: int) -> None:
+    def save(self, context: Context, client: ClientState, base: dict, merged_through: int, run_key: int) -> None:
         meta = client_meta(client, secret=True)
         context.state[_STATE] = ConfigRecord({"meta": json.dumps(meta), "merged-through": merged_through})
         context.state[_TENSORS] = to_arrays(client.tensors)
         if base:
             context.state[_BASE] = to_arrays(base)
-        path = state_file(context.node_config, context.run_id, self.cid)
+        path = state_file(context.node_config, run_key, self.cid)
         if path is not None:
             save_state(path, {**meta, "merged-through": merged_through}, client.tensors, base)
 
@@ -175,15 +184,18 @@ class Arrival:
     client: ClientState
     base: dict[str, torch.Tensor]
     merged_through: int
+    run_key: int  # the state file's: the run id of the run's first start (a resumed run is a new Flower run)
 
     @classmethod
     def of(cls, message: Message, context: Context) -> Arrival:
         node, config = runtime(message, context)
         payload = from_arrays(message.content["arrays"])
-        client, base, merged_through = node.load(context)
+        run_key = int(message.content["config"].get("run-key", context.run_id))
+        client, base, merged_through = node.load(context, run_key)
         if isinstance(node.strategy, MergingStrategy):  # FLoRA / FedEx-LoRA: apply the downloaded merges
             merged_through = node.strategy.follow_merges(base, payload, merged_through)
-        return cls(node, config, int(message.content["config"]["round"]), payload, client, base, merged_through)
+        return cls(node, config, int(message.content["config"]["round"]), payload, client, base, merged_through,
+                   run_key)
 
     @property
     def state(self) -> GlobalState:
@@ -191,7 +203,7 @@ class Arrival:
         return GlobalState(tensors={}, base=self.base)
 
     def save(self, context: Context) -> None:
-        self.node.save(context, self.client, self.base, self.merged_through)
+        self.node.save(context, self.client, self.base, self.merged_through, self.run_key)
 
 
 def follow_server_count(client: ClientState, asked: int) -> None:
@@ -220,7 +232,47 @@ def _budget_refusal(node: NodeRuntime, client: ClientState) -> str | None:
     return client.privacy.refusal(node.strategy.local_steps_per_round(client.num_examples), f"client {client.cid}")
 
 
-@app.train()
+def secure_train_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """SecAgg+ on this node for a train message that carries the protocol's record (Flower's own
+    ``secaggplus_mod``); any other message passes straight through, so plain runs are unchanged. Of
+    the collect stage's reply only the masked vector and what :func:`train` lets leave go back: the
+    legacy ``fitres.*`` records, which would carry the client's count in the clear, are dropped."""
+    if RECORD_KEY_CONFIGS not in message.content.config_records:
+        return call_next(message, context)
+    reply = secaggplus_mod(message, context, call_next)
+    content = reply.content
+    for records in (content.array_records, content.metric_records, content.config_records):
+        for name in [n for n in records if n.startswith("fitres.")]:
+            del records[name]
+    return reply
+
+
+def secure_layout(upload: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], num_examples: int,
+                  cid: int, clipping_range: float) -> RecordDict:
+    """The reply ``secaggplus_mod`` reads as a legacy FitRes: the client's change this round (upload minus
+    where it started: small values, so a small clipping range and a small quantisation step) as float64
+    arrays sorted by name (the server expects that order), and its count as the weight the mod folds
+    into the masked vector. A non-finite change is refused (it would poison the sum); values beyond the
+    clipping range are clipped by the protocol, which is logged here, on the node."""
+    missing = sorted(set(upload) - set(reference))
+    if missing:
+        raise ValueError(f"secure aggregation: client {cid} holds no starting value for {missing[:3]}, so it "
+                         "cannot send its change")
+    deltas = [(upload[n].detach().double().cpu() - reference[n].detach().double().cpu()).numpy()
+              for n in sorted(upload)]
+    if not all(np.isfinite(d).all() for d in deltas):
+        raise ValueError(f"secure aggregation: client {cid}'s update is not finite; nothing is sent")
+    largest = max((float(np.abs(d).max()) for d in deltas if d.size), default=0.0)
+    if largest > clipping_range:
+        clipped = sum(int((np.abs(d) > clipping_range).sum()) for d in deltas)
+        log.warning("client %d: %d values of its update exceed secagg_clipping_range = %g (largest %.4g); the "
+                    "protocol clips them, so the mean is biased: raise secagg_clipping_range", cid, clipped,
+                    clipping_range, largest)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(deltas), num_examples, {})
+    return compat.fitres_to_recorddict(fitres, keep_input=False)
+
+
+@app.train(mods=[secure_train_mod])
 def train(message: Message, context: Context) -> Message:
     """One client round on the downloaded payload; replies with the upload and metrics. A node whose
     privacy budget this round's steps would exceed does not train: it replies with a ConfigRecord
@@ -230,17 +282,26 @@ def train(message: Message, context: Context) -> Message:
     node, client = arrival.node, arrival.client
     follow_server_count(client, int(message.content["config"].get("steps-asked", 0)))
     refusal = _budget_refusal(node, client)
+    secure = RECORD_KEY_CONFIGS in message.content.config_records
     if refusal is not None:
         log.warning("round %d: %s; not training (privacy budget exhausted)", arrival.round_index + 1, refusal)
         arrival.save(context)
+        if secure:  # the protocol has no place for a refusal: the node leaves this round's aggregation
+            raise RuntimeError(refusal)
         return Message(RecordDict({"budget": ConfigRecord({"refused": refusal}),
                                    "privacy": _privacy_record(client)}), reply_to=message)
+    start = {**client.tensors, **arrival.payload}  # where each trained tensor started (prepare's order)
     reply = run_client_round(node.strategy, node.bench, arrival.state, client, arrival.payload, node.train_data,
                              arrival.round_index)
     arrival.save(context)
     metrics = {k: float(v) for k, v in reply.metrics.items()}
-    metrics.update({"num-examples": reply.num_examples, "rank": client.rank})
-    content = RecordDict({"arrays": to_arrays(reply.tensors), "metrics": MetricRecord(metrics)})
+    metrics["rank"] = client.rank
+    if secure:  # the update goes masked inside the protocol, the count inside it as the weight
+        content = secure_layout(reply.tensors, start, reply.num_examples, client.cid, arrival.config.secagg_clipping_range)
+        content["metrics"] = MetricRecord(metrics)
+    else:
+        metrics["num-examples"] = reply.num_examples
+        content = RecordDict({"arrays": to_arrays(reply.tensors), "metrics": MetricRecord(metrics)})
     if client.privacy is not None:  # the account's report (epsilon, delta, sigma, q, steps): never the key
         content["privacy"] = _privacy_record(client)
         content["budget"] = ConfigRecord({"exhausted": _budget_refusal(node, client) or ""})

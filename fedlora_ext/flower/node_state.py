@@ -4,7 +4,8 @@ Flower keeps a node's ``context.state`` in memory: a SuperNode that restarts com
 with none, and a private client would start a fresh privacy account and, with ``dp_noise_seed`` set,
 draw the same noise again. With ``state-dir`` in its ``node_config`` the node writes its client state
 (kept tensors, merged base, account, noise key and offset) after every message to
-``<state-dir>/run-<run id>/client-<cid>.safetensors``: one file written to a temporary name and
+``<state-dir>/run-<run id>/client-<cid>.safetensors`` (the run id of the run's first start, which the
+messages of a resumed run carry as ``run-key``): one file written to a temporary name and
 renamed (a crash leaves the previous one whole), mode 0600 in 0700 folders, as it holds the key.
 It never leaves the node; the server's ledger still decides who trains.
 """

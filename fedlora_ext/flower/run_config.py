@@ -8,7 +8,8 @@ Flower only accepts declared keys) and ``"none"`` unsets one (``dirichlet_alpha 
 ``"true"``) and ``eval-every`` are keys like any other; a node's ``node_config`` ``device`` overrides
 the run's ``device`` on that node (``fedlora_ext.flower.client_app.node_device``).
 ``node-timeout`` and ``round-timeout`` are seconds to wait for the nodes and for a round's replies;
-``overwrite`` (the ServerApp's) lets a run replace the run already in ``out-dir``.
+``overwrite`` (the ServerApp's) lets a run replace the run already in ``out-dir``; ``resume`` continues it
+(:mod:`fedlora_ext.flower.resume`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FedConfig, di
     values = {k.replace("-", "_"): v for k, v in run_config.items() if v != ""}
     options = {k: float(values.pop(k.replace("-", "_"), v)) for k, v in OPTIONS.items()}
     values.pop("overwrite", None)  # the run folder's, read by the ServerApp before the config
+    values.pop("resume", None)  # likewise
     base = preset(str(values.pop("preset", "default")))
     path = values.pop("config", "")
     if path:

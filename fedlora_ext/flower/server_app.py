@@ -7,7 +7,9 @@ summary.json (the keys of ``fedlora run``'s, with ``status`` ``completed`` or ``
 ``error``: ``flwr run`` exits 0 whatever happens here). The out-dir is read from the run config before
 the rest is checked, so a configuration error is reported there too. The folder is claimed and locked
 as ``fedlora run`` does (:mod:`fedlora_ext.app.run_folder`): never a folder holding another run, and
-``fedlora status`` shows it.
+``fedlora status`` shows it. Every round is checkpointed there as ``fedlora run`` does; ``resume = true``
+with the same run config continues a run whose server stopped (:mod:`fedlora_ext.flower.resume`), its
+lock taken over from the dead server; a refused resume writes nothing into the folder.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora_ext.federated.simulation import save_base_model
 from fedlora_ext.flower.run_config import config_from_run_config
+from fedlora_ext.flower.resume import Continued, check_resumable
 from fedlora_ext.flower.strategy import FedLoRAStrategy
 from fedlora_ext.app.reporting import examples_scored, plot_run, summary_row
-from fedlora_ext.app.run_folder import claim, write_json_atomic
+from fedlora_ext.app.run_folder import RunLock, claim, lock_existing, write_json_atomic
 
 app = ServerApp()
 log = logging.getLogger("fedlora_ext.flower")
@@ -50,23 +53,30 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     """The whole server side of a run; returns the summary (also summary.json with an out-dir).
     Any failure, a configuration error included, is recorded in summary.json and raised."""
     started = time.perf_counter()
-    # `overwrite` (true: replace the run already in out-dir; declared by the app, false by default)
-    overwrite = str(run_config.get("overwrite", "")).strip().lower() in ("true", "1", "yes")
-    run_config = {k: v for k, v in run_config.items() if k != "overwrite"}
-    out = out_dir_of(run_config)
-    lock = claim(out, overwrite=overwrite, command="flower") if out else None
+    # `overwrite` (true: replace the run already in out-dir) and `resume` (true: continue it), declared by
+    # the app, false by default
+    overwrite, resume = (str(run_config.get(key, "")).strip().lower() in ("true", "1", "yes")
+                         for key in ("overwrite", "resume"))
+    run_config = {k: v for k, v in run_config.items() if k not in ("overwrite", "resume")}
+    if resume:
+        out, lock = _take_over(run_config, overwrite)
+    else:
+        out = out_dir_of(run_config)
+        lock = claim(out, overwrite=overwrite, command="flower") if out else None
     strategy = None
     try:
         try:
             config, options = config_from_run_config(run_config)
             if lock is None and config.out_dir:  # an out_dir from the preset or the config file
                 out, lock = config.out_dir, claim(config.out_dir, overwrite=overwrite, command="flower")
-            strategy = FedLoRAStrategy(config, node_timeout=options["node-timeout"])
+            strategy = FedLoRAStrategy(config, node_timeout=options["node-timeout"], resume=resume)
+            strategy.round_timeout = options["round-timeout"]  # also each stage of secure aggregation
             strategy.connect(grid)
             if strategy.out_dir is not None:  # a tiny model's base, for `fedlora export` (as `fedlora run` saves it)
                 save_base_model(strategy.out_dir, strategy.config, strategy.bench, strategy.label_names)
-            strategy.start(grid, initial_arrays=strategy.global_arrays(), num_rounds=strategy.config.rounds,
-                           timeout=options["round-timeout"])
+            done = strategy.rounds_done  # Flower numbers the rounds of a start from 1
+            Continued(strategy, done).start(grid, initial_arrays=strategy.global_arrays(),
+                                            num_rounds=strategy.config.rounds - done, timeout=options["round-timeout"])
             strategy.finish()
         except Exception as error:  # `flwr run` exits 0 whatever happens here: say it in the run folder
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -76,6 +86,29 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _take_over(run_config: Mapping[str, Any], overwrite: bool) -> tuple[str, RunLock]:
+    """``resume = true``: the out-dir of the run to continue, locked (a killed server's lock died with it),
+    after the checks that need no node (:func:`fedlora_ext.flower.resume.check_resumable`). A refusal is
+    raised, not written into the folder: it holds a run that stays as it is."""
+    if overwrite:
+        raise ValueError("resume = true and overwrite = true: resume continues the run in out-dir, overwrite "
+                         "replaces it; give one of them")
+    config, _ = config_from_run_config(run_config)
+    out = out_dir_of(run_config) or config.out_dir
+    if not out:
+        raise ValueError("resume = true continues the run in out-dir, but no out-dir is given; give the run's "
+                         "out-dir")
+    if not Path(out).is_dir():
+        raise ValueError(f"resume = true: out-dir {out} is no folder; give the out-dir of the run to continue")
+    lock = lock_existing(out)
+    try:
+        check_resumable(Path(out), config.replace(out_dir=out))
+    except BaseException:
+        lock.release(remove=False)
+        raise
+    return out, lock
 
 
 def _chance(strategy) -> float | None:

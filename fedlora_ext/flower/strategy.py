@@ -7,6 +7,10 @@ a deployment with the same seeds ends with the same adapter. Flower carries the 
 Before round 1 the strategy waits for ``num_clients`` nodes and asks each (a QUERY message) for its
 client id, training examples and rank; a node's ``node_config`` (``partition-id``, ``rank``) decides
 them, so heterogeneous ranks are set per node.
+
+With ``secure_aggregation`` a round's train step runs SecAgg+ (:mod:`fedlora_ext.flower.secure`): the
+server gets the weighted mean of the uploads and aggregates it as one reply standing for the round's
+clients, which for the methods allowed (``Strategy.averages_updates``) equals aggregating each upload.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fedlora_ext.core.config import FedConfig
 from fedlora_ext.core.state import ClientState, GlobalState, Reply
 from fedlora_ext.core.validation import RejectedUpdate
 from fedlora_ext.data.task import build_task
+from fedlora_ext.federated.checkpoint import CheckpointWriter, write_atomic
 from fedlora_ext.federated.client import ModelBench
 from fedlora_ext.federated.privacy import PrivacyLedger, ServerPrivacy, privacy_report
 from fedlora_ext.federated.release import release_statement
@@ -54,9 +59,21 @@ from fedlora_ext.federated.simulation import (
     write_run_config,
 )
 from fedlora_ext.flower.records import config_record, from_arrays, to_arrays
+from fedlora_ext.flower.secure import SecureAggregationError, SecureSettings, secure_mean
+from fedlora_ext.flower.resume import continue_run, metrics_lines, run_state
 from fedlora_ext.strategies.base import make_strategy
 
 log = logging.getLogger("fedlora_ext.flower")
+
+
+def pause_for_tests(point: str) -> None:
+    """For tests (python_tests/pausing.py): with <FEDLORA_TEST_PAUSE_DIR>/pause-<point> there, the server
+    says paused-<point> and waits until the request is removed."""
+    pauses = os.environ.get("FEDLORA_TEST_PAUSE_DIR")
+    if pauses and (request := Path(pauses) / f"pause-{point}").exists():
+        (Path(pauses) / f"paused-{point}").touch()
+        while request.exists():
+            time.sleep(0.05)
 
 
 class FlowerRunError(RuntimeError):
@@ -69,12 +86,15 @@ class FedLoRAStrategy(FlowerStrategy):
     Args:
         config: the run (the nodes receive it with every message and run exactly it).
         node_timeout: seconds to wait for ``num_clients`` nodes to connect before the first round.
+        resume: continue the run checkpointed in ``config.out_dir`` (:mod:`fedlora_ext.flower.resume`).
     """
 
-    def __init__(self, config: FedConfig, *, node_timeout: float = 300.0) -> None:
+    def __init__(self, config: FedConfig, *, node_timeout: float = 300.0, resume: bool = False) -> None:
         if getattr(make_strategy(config), "pool_clients", False):
             raise ValueError(f"method {config.method!r} pools every client's data in one place, which a "
                              "federation cannot do; run it with `fedlora run`")
+        if resume and not config.out_dir:
+            raise ValueError("resume: a run continues from the checkpoint in its out_dir, and config.out_dir is not set")
         self.config = config
         self.node_timeout = node_timeout
         self.nodes: dict[int, int] = {}  # cid -> Flower node id
@@ -83,6 +103,10 @@ class FedLoRAStrategy(FlowerStrategy):
         self.client_reports: dict[str, dict] = {}
         self.server: Server | None = None
         self._round: dict = {}
+        self.round_timeout: float | None = None  # each secure-aggregation stage's (the ServerApp's round-timeout)
+        self.resume, self.rounds_done = resume, 0
+        self.run_key: int | None = None  # the nodes keep their state under it: the first start's run id
+        self.checkpoints: CheckpointWriter | None = None
 
     # ---- setup -----------------------------------------------------------------------------------
     def connect(self, grid: Grid) -> None:
@@ -103,6 +127,7 @@ class FedLoRAStrategy(FlowerStrategy):
         ranks = tuple(found[c][2] for c in range(config.num_clients))
         if ranks != config.ranks():  # ranks come from the nodes (node_config "rank")
             config = config.replace(client_ranks=ranks)
+        self.run_key = grid.run.run_id  # a resumed run's is its checkpoint's
         self.setup(config, {c: found[c][0] for c in found}, {c: found[c][1] for c in found})
 
     def _ask_who(self, grid: Grid, node_ids: list[int]) -> dict[int, tuple[int, int, int]]:
@@ -168,8 +193,11 @@ class FedLoRAStrategy(FlowerStrategy):
         out = self.out_dir
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            write_run_config(out, config, task.label_names, data_description(task, task.train, task.test))
-            (out / "metrics.jsonl").write_text("")
+            data = data_description(task, task.train, task.test)
+            resumed = continue_run(self, data) if self.resume else None
+            write_run_config(out, config, task.label_names, data)
+            write_atomic(out / "metrics.jsonl", metrics_lines(self.history))
+            self.checkpoints = CheckpointWriter(out, resumed=resumed)
 
     @property
     def strategy(self):
@@ -187,8 +215,9 @@ class FedLoRAStrategy(FlowerStrategy):
         return to_arrays(self.strategy.global_tensors(self.state))
 
     def _message(self, client: ClientState, kind: str, round_index: int, payload, **extra) -> Message:
-        content = RecordDict({"arrays": to_arrays(payload),
-                              "config": config_record(self.config, round=round_index, **extra)})
+        content = RecordDict({"arrays": to_arrays(payload),  # run-key: where the node keeps its state
+                              "config": config_record(self.config, round=round_index, **{"run-key": self.run_key},
+                                                      **extra)})
         return Message(content, self.nodes[client.cid], kind)
 
     def _train_message(self, client: ClientState, round_index: int) -> Message:
@@ -210,7 +239,30 @@ class FedLoRAStrategy(FlowerStrategy):
         messages = [self._train_message(c, round_index) for c in sampled]
         self._round = {"index": round_index, "sent": list(zip(messages, sampled)), "started": time.perf_counter(),
                        "exhausted": exhausted}
+        if self.config.secure_aggregation:  # the train step runs inside SecAgg+: Flower has nothing left to send
+            self._secure_round(grid, messages, sampled, round_index)
+            return []
         return messages
+
+    def _secure_round(self, grid: Grid, messages: list[Message], sampled: list[ClientState], round_index: int) -> None:
+        """The round's train step under SecAgg+ (:mod:`fedlora_ext.flower.secure`): the collect-stage
+        replies (no update in them) stand in for the train replies, the mean for the uploads."""
+        names = self.strategy.upload_names(self.state, round_index)
+        node_of = {c.cid: self.nodes[c.cid] for c in sampled}
+        try:
+            result = secure_mean(grid, {node_of[c.cid]: m for m, c in zip(messages, sampled)},
+                                 {node_of[c.cid]: c.num_examples for c in sampled},
+                                 {n: tuple(self.state.tensors[n].shape) for n in names},
+                                 SecureSettings.of(self.config, self.round_timeout),
+                                 after_stage=lambda stage: pause_for_tests(f"after-round-{round_index + 1}-{stage}"))
+        except SecureAggregationError as error:
+            self._finish_partial(round_index, {"secure_aggregation": str(error)})
+            raise FlowerRunError(f"round {round_index + 1}: secure aggregation failed: {error}; stopping. "
+                                 + (f"Rounds 1..{round_index} are saved" + (f" in {self.out_dir}" if self.out_dir else "")
+                                    if round_index else "No round had completed")) from None
+        self._round.update(secure=result, names=names, start={n: self.state.tensors[n] for n in names},
+                           sent=[(result.collect_messages.get(node_of[c.cid], m), c) for m, c in zip(messages, sampled)],
+                           left={c.cid: result.failed[node_of[c.cid]] for c in sampled if node_of[c.cid] in result.failed})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_index = self._round["index"]
@@ -219,6 +271,8 @@ class FedLoRAStrategy(FlowerStrategy):
         sent = {message.metadata.message_id: client for message, client in self._round["sent"]}
         accepted, failed, answered = [], {}, set()
         exhausted = dict(self._round.get("exhausted", {}))
+        if "secure" in self._round:  # Flower sent nothing: the protocol's collect-stage replies are the round's
+            replies = self._round["secure"].collect_replies
         for message in replies:
             client = sent.get(message.metadata.reply_to_message_id)
             if client is None or client.cid in answered:
@@ -237,7 +291,8 @@ class FedLoRAStrategy(FlowerStrategy):
                 failed[str(client.cid)] = reason
         for client in sampled:  # no reply at all: the round timed out on it
             if client.cid not in answered:
-                failed[str(client.cid)] = f"client {client.cid}: no reply within the round's timeout"
+                failed[str(client.cid)] = f"client {client.cid}: " + self._round.get("left", {}).get(
+                    client.cid, "no reply within the round's timeout")
                 log.warning("round %d: %s", server_round, failed[str(client.cid)])
         needed = min(self.config.min_clients, len(sampled) - sum(str(c.cid) in exhausted for c in sampled))
         if len(accepted) < needed:
@@ -250,7 +305,8 @@ class FedLoRAStrategy(FlowerStrategy):
         accepted.sort(key=lambda r: r.cid)  # replies arrive in any order; sums must not depend on it
         trained = time.perf_counter()
         if accepted or self.server.privacy is not None:
-            self.server.aggregate(accepted, round_index, self.clients)
+            self.server.aggregate(self._secure_mean_reply(accepted) if "secure" in self._round else accepted,
+                                  round_index, self.clients)
         metrics = round_metrics(round_index, accepted, self.server.ledger)
         metrics["trainings"] = list(self.server.trainings)
         if failed:
@@ -299,6 +355,8 @@ class FedLoRAStrategy(FlowerStrategy):
             reason = f"client {client.cid}: the node failed: {message.error.reason}"
             log.warning("round %d: %s", round_index + 1, reason)
             return None, reason
+        if "secure" in self._round:
+            return self._accept_secure(message, client, round_index)
         try:
             content = message.content
             tensors = from_arrays(content.array_records.get("arrays"))
@@ -321,6 +379,31 @@ class FedLoRAStrategy(FlowerStrategy):
         if "privacy" in content.config_records:
             self.client_reports[str(client.cid)] = dict(content.config_records["privacy"])
         return reply, None
+
+    def _accept_secure(self, message: Message, client: ClientState, round_index: int) -> tuple[Reply | None, str | None]:
+        """A collect-stage reply: the client is in the round exactly when its masked vector is in the sum;
+        the reply holds no update, only its metrics and account report (what the node lets leave)."""
+        result, node = self._round["secure"], self.nodes[client.cid]
+        if node not in result.contributors:
+            reason = f"client {client.cid}, round {round_index + 1}: {result.failed.get(node, 'not in the sum')}"
+            log.warning(reason)
+            return None, reason
+        self.server.ledger.record("up", client.cid, result.bytes_up[node])
+        stats = message.content.metric_records.get("metrics") or {}
+        metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        client.info["last_round"] = round_index
+        if "privacy" in message.content.config_records:
+            self.client_reports[str(client.cid)] = dict(message.content.config_records["privacy"])
+        return Reply(cid=client.cid, num_examples=client.num_examples, tensors={}, metrics=metrics), None
+
+    def _secure_mean_reply(self, accepted: list[Reply]) -> list[Reply]:
+        """One reply standing for the round's clients: where the round started plus the mean change, with
+        their total count. For a method whose aggregate is the weighted mean of the uploads, aggregating
+        it equals aggregating the uploads one by one (its weight is 1)."""
+        mean, start = self._round["secure"].mean, self._round["start"]
+        tensors = {n: (start[n].double() + torch.from_numpy(mean[n]).to(start[n].device)).to(start[n].dtype)
+                   for n in self._round["names"]}
+        return [Reply(cid=-1, num_examples=sum(r.num_examples for r in accepted), tensors=tensors)]
 
     # ---- evaluation ------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -366,13 +449,8 @@ class FedLoRAStrategy(FlowerStrategy):
             with open(self.out_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
             save_adapter(self.out_dir / "adapter.safetensors", self.strategy, self.state, self.bench.pristine_base())
-        # for tests (python_tests/pausing.py): with <FEDLORA_TEST_PAUSE_DIR>/pause-after-round-R there, the
-        # server says paused-after-round-R and waits until the request is removed
-        pauses = os.environ.get("FEDLORA_TEST_PAUSE_DIR")
-        if pauses and (request := Path(pauses) / f"pause-after-round-{metrics['round']}").exists():
-            (Path(pauses) / f"paused-after-round-{metrics['round']}").touch()
-            while request.exists():
-                time.sleep(0.05)
+            self.checkpoints.save(run_state(self, metrics["round"]))
+        pause_for_tests(f"after-round-{metrics['round']}")
 
     def _finish_partial(self, round_index: int, failed: dict) -> None:
         if self.out_dir is not None:

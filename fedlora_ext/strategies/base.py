@@ -82,7 +82,8 @@ class Strategy:
     personalised: ClassVar[bool] = False
     #: whether the server's global model is meaningful to evaluate
     global_model: ClassVar[bool] = True
-    #: whether the server update is an average of uploaded tensors, so DP-FedAvg can replace it
+    #: whether the server update is an average of uploaded tensors (a weighted sum), so DP-FedAvg can
+    #: replace it and secure aggregation (which reveals only the sum) can feed it
     averages_updates: ClassVar[bool] = False
     #: whether the method merges adapters into the base weights (its models need the pristine base)
     merges_base: ClassVar[bool] = False
@@ -124,6 +125,11 @@ class Strategy:
                 f"rank ({', '.join(averaging_methods())}), got method {self.name!r}"
                 + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
                 + "; set server_optimizer = \"none\"")
+        if config.secure_aggregation and not (self.averages_updates and not config.heterogeneous):
+            raise ValueError(
+                f"secure_aggregation reveals only the weighted mean of same-shaped uploads at one rank; method "
+                f"{self.name!r}" + (f" with ranks {list(config.ranks())}" if config.heterogeneous else "")
+                + f" needs each client's own upload to aggregate; use one of {', '.join(averaging_methods())}")
 
     def scaling(self, rank: int | None = None) -> float:
         """The LoRA scale s = alpha / r (rsLoRA alpha / sqrt(r)) at ``rank`` (default: the config's)."""
