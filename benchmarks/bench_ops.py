@@ -387,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, no torch.compile: a smoke run")
     parser.add_argument("--cases", nargs="+", metavar="PATTERN", help="ops or op/case globs, e.g. dp_clip_noise 'stacked_delta_/m4096*'")
     parser.add_argument("--compile-timeout", type=float, default=None, help="seconds allowed per torch.compile baseline (default 60, 0 = skip; --quick: 0)")
-    parser.add_argument("--json", default=str(harness.DEFAULT_JSON), help=f"output JSON (default {harness.DEFAULT_JSON.relative_to(harness.REPO_ROOT)})")
+    parser.add_argument("--json", default=None, help=f"output JSON (default {harness.DEFAULT_JSON.relative_to(harness.REPO_ROOT)}; with --cpu-path P: ops_cpu_P.json)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S", help="before each case, wait up to S seconds for other processes to go quiet (default 0)")
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm", help="warm: each timed run follows a run of the same variant (default); cold: a 512 MB cache flush")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    harness.add_cpu_path_argument(parser)
     args = parser.parse_args(argv)
+    harness.use_cpu_path(args.cpu_path)
     faulthandler.enable()  # a rebuild that overwrites _C in place crashes this process: say where
 
     repeats = min(args.repeats, 3) if args.quick else args.repeats
@@ -412,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in args.threads:
         torch.set_num_threads(t)
         header["copy_gbps_1GiB"][str(t)] = round(harness.copy_gbps(harness.GIB, repeats=min(repeats, 5)), 2)
-    print(f"fedlora_ext {fedlora_ext.__file__}  torch {torch.__version__}  CPU {header['cpu_model']}  load {header['loadavg_start']}")
+    print(f"fedlora_ext {fedlora_ext.__file__}  torch {torch.__version__}  load {header['loadavg_start']}")
+    print(harness.describe_cpu(header))
     print(f"copy bandwidth at 1 GiB (GB/s, read+write): {header['copy_gbps_1GiB']}  repeats {repeats}  cache {args.cache}\n")
 
     results: list[BenchResult] = []
@@ -442,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     target_rows = [] if args.quick else targets.evaluate(results)
     header["targets"] = target_rows
 
-    print("\nSummary")
+    print(f"\nSummary ({harness.describe_cpu(header)})")
     harness.print_table(results)
     targets.print_rows(target_rows)
     busy = [r.config.name + f"@{r.config.threads}" for r in results if (r.other_cores or 0) > 0.3]
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if header["native_library_changed_during_run"]:
         print("\nWARNING: the fedlora_ext native library on disk changed during the run (this process keeps the one it"
               " loaded, see native_library in the JSON header); re-run to measure the new build.")
-    path = harness.write_json(args.json, header, results)
+    path = harness.write_json(args.json or harness.json_for_path(harness.DEFAULT_JSON, args.cpu_path), header, results)
     print(f"\nwrote {path}  ({header['elapsed_s']} s)")
     return 0
 

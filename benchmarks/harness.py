@@ -483,6 +483,60 @@ def _git_head() -> str | None:
     return (head + ("+dirty" if dirty else "")) or None
 
 
+# --cpu-path: the environment that makes fedlora's kernels and torch's baselines (ATen's vectorised loops,
+# MKL's GEMMs, oneDNN) all run one vector ISA, so an AVX-512 machine also measures what an AVX2 CPU runs.
+CPU_PATH_ENV = {
+    "avx512": {"FEDLORA_CPU_PATH": "avx512", "ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx2": {"FEDLORA_CPU_PATH": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "scalar": {"FEDLORA_CPU_PATH": "scalar", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+               "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def add_cpu_path_argument(parser) -> None:
+    """``--cpu-path``: which vector code path to measure (see :func:`use_cpu_path`)."""
+    parser.add_argument("--cpu-path", choices=("auto", *CPU_PATH_ENV), default="auto",
+                        help="vector ISA of fedlora's CPU kernels and of torch's baselines: avx512, avx2 or scalar "
+                             "(default auto: the best this CPU runs). Re-runs the script once with that environment.")
+
+
+def use_cpu_path(path: str) -> None:
+    """Make this process run ``path``'s code: the environment of :data:`CPU_PATH_ENV`, set before torch
+    reads it, so the script re-executes itself once with it (a no-op for ``auto`` or when already set)."""
+    if path == "auto":
+        return
+    env = CPU_PATH_ENV[path]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+def cpu_path_info(fedlora_ext) -> dict[str, Any]:
+    """The code paths this run takes: fedlora's CPU kernels, ATen's vectorised loops, MKL's ISA cap."""
+    info = fedlora_ext.build_info()
+    return {
+        "fedlora": info.get("cpu_path", "unknown"),
+        "fedlora_supported": info.get("cpu_paths", []),
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(best)"),
+    }
+
+
+def describe_cpu(header: Mapping[str, Any]) -> str:
+    """One line for a table heading: CPU model, vector extensions, the kernel paths taken."""
+    paths = header["cpu_path"]
+    return (f"CPU {header['cpu_model']} [{' '.join(header['cpu_flags']) or 'no AVX'}]  kernel path: fedlora "
+            f"{paths['fedlora']}, aten {paths['aten']}, mkl {paths['mkl_enable_instructions']}")
+
+
+def json_for_path(default: Path, path: str) -> Path:
+    """The default JSON of a run on ``path``: ``<name>_<path>.json`` beside ``default`` (auto: ``default``)."""
+    return default if path == "auto" else default.with_name(f"{default.stem}_{path}{default.suffix}")
+
+
 def machine_info(fedlora_ext, threads: list[int]) -> dict[str, Any]:
     """Versions, CPU and build facts for the JSON header."""
     info: dict[str, Any] = {
@@ -495,6 +549,7 @@ def machine_info(fedlora_ext, threads: list[int]) -> dict[str, Any]:
         "os_cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
+        "cpu_path": cpu_path_info(fedlora_ext),
         "machine": platform.machine(),
         "fedlora_ext_file": fedlora_ext.__file__,
         "build_info": fedlora_ext.build_info(),

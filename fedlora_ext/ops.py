@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "dp_clip_noise",
+    "dp_clip_noise_with_sum",
     "gaussian_noise_",
     "per_sample_norms",
     "stacked_delta",
@@ -90,6 +91,41 @@ def dp_clip_noise(
         list(per_sample_grads), float(max_norm), float(noise_multiplier), float(denominator), int(seed), int(offset)
     )
     return list(outs), norms
+
+
+def dp_clip_noise_with_sum(
+    per_sample_grads: Sequence[Tensor],
+    max_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    seed: int,
+    offset: int,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """:func:`dp_clip_noise` that also returns the clipped sums, from the same read of the gradients.
+
+    opacus keeps ``sum_i c_i g_j[i]`` in ``p.summed_grad`` besides the noised gradient; this gives both
+    without a second pass over the per-sample gradients. ``outs`` and ``norms`` are bitwise those of
+    :func:`dp_clip_noise` with the same arguments (the same noise stream and positions).
+
+    Args:
+        per_sample_grads: tensors ``g_j`` of shape ``[B, ...]``; ``B = 0`` gives zero sums.
+        max_norm: clipping bound ``C > 0``.
+        noise_multiplier: ``sigma >= 0``; 0 adds nothing.
+        denominator: ``> 0``, the expected batch size for mean reduction (1 for sum reduction).
+        seed: noise key in ``[0, 2^63)``; a client secret.
+        offset: noise counter in ``[0, 2^63)``; a fresh value per call.
+
+    Returns:
+        ``(outs, sums, norms)``: ``outs[j] = (sums[j] + noise_multiplier * max_norm * z_j) / denominator``
+        (computed from the float32 sum) and ``sums[j] = sum_i c_i g_j[i]``, both of shape ``g_j.shape[1:]``
+        in ``g_j``'s dtype, and the float32 per-sample norms ``[B]`` before clipping.
+    """
+    _check_non_empty("dp_clip_noise_with_sum", "per_sample_grads", per_sample_grads, "[B, ...]")
+    _check_seed_offset("dp_clip_noise_with_sum", seed, offset)
+    outs, sums, norms = torch.ops.fedlora.dp_clip_noise_with_sum.default(
+        list(per_sample_grads), float(max_norm), float(noise_multiplier), float(denominator), int(seed), int(offset)
+    )
+    return list(outs), list(sums), norms
 
 
 def gaussian_noise_(tensors: Sequence[Tensor], std: float, seed: int, offset: int) -> None:
@@ -197,6 +233,14 @@ def _register_fakes() -> None:
         _check_one_device("dp_clip_noise", _indexed("per_sample_grads", per_sample_grads))
         outs = [g.new_empty(g.shape[1:]) for g in per_sample_grads]
         return outs, per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("fedlora::dp_clip_noise_with_sum")
+    def _dp_clip_noise_with_sum_fake(per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset):
+        torch._check(len(per_sample_grads) > 0, lambda: "fedlora.dp_clip_noise_with_sum: empty per_sample_grads")
+        _check_one_device("dp_clip_noise_with_sum", _indexed("per_sample_grads", per_sample_grads))
+        outs = [g.new_empty(g.shape[1:]) for g in per_sample_grads]
+        sums = [g.new_empty(g.shape[1:]) for g in per_sample_grads]
+        return outs, sums, per_sample_grads[0].new_empty((per_sample_grads[0].shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("fedlora::gaussian_noise_")
     def _gaussian_noise_fake(tensors, std, seed, offset):

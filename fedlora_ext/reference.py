@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "dp_clip_noise",
+    "dp_clip_noise_with_sum",
     "gaussian_noise_",
     "per_sample_norms",
     "philox4x32_10",
@@ -123,6 +124,21 @@ def dp_clip_noise(
         outs.append((summed / denominator).to(g.dtype))
         start += size
     return outs, norms
+
+
+def dp_clip_noise_with_sum(
+    per_sample_grads: Sequence[Tensor],
+    max_norm: float,
+    noise_multiplier: float,
+    denominator: float,
+    seed: int,
+    offset: int,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Twin of :func:`fedlora_ext.ops.dp_clip_noise_with_sum`: :func:`dp_clip_noise` plus the clipped sums."""
+    outs, norms = dp_clip_noise(per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset)
+    clip = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    sums = [torch.einsum("i,i...->...", clip, g.float()).to(g.dtype) for g in per_sample_grads]
+    return outs, sums, norms
 
 
 def gaussian_noise_(tensors: Sequence[Tensor], std: float, seed: int, offset: int) -> None:

@@ -186,7 +186,7 @@ def sample_inputs(op: str, device: str) -> list[tuple]:
             ([t([2, 3, 2], bf16, layout="transposed")],),
             ([t([0, 4], f16)],),
         ]
-    if op == "dp_clip_noise":
+    if op in ("dp_clip_noise", "dp_clip_noise_with_sum"):
         return [
             ([t([4, 3, 5]), t([4, 7], layout="sliced", seed=1)], 1.0, 1.1, 4.0, 123, 7),
             ([t([2, 5], bf16, layout="transposed"), t([2], bf16, seed=2)], 0.5, 0.0, 2.0, 2**63 - 1, 2**32),
@@ -241,4 +241,5 @@ def sample_inputs(op: str, device: str) -> list[tuple]:
     raise KeyError(f"no sample inputs for fedlora.{op}")
 
 
-OPS = ("per_sample_norms", "dp_clip_noise", "gaussian_noise_", "weighted_sum", "stacked_delta", "stacked_delta_")
+OPS = ("per_sample_norms", "dp_clip_noise", "dp_clip_noise_with_sum", "gaussian_noise_", "weighted_sum",
+       "stacked_delta", "stacked_delta_")

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import strategies as S
 import test_dp_clip_noise
+import test_dp_clip_noise_with_sum
 import test_gaussian_noise
 import test_per_sample_norms
 import test_stacked_delta
@@ -52,6 +53,7 @@ SLEEP_CYCLES = 50_000_000  # torch.cuda._sleep: tens of milliseconds on any curr
 CHECKS = {
     "per_sample_norms": test_per_sample_norms._check,
     "dp_clip_noise": test_dp_clip_noise._check,
+    "dp_clip_noise_with_sum": test_dp_clip_noise_with_sum._check,
     "gaussian_noise_": test_gaussian_noise._check,
     "weighted_sum": test_weighted_sum._check,
     "stacked_delta": test_stacked_delta._check,
@@ -60,6 +62,7 @@ CHECKS = {
 INPUTS = {
     "per_sample_norms": S.per_sample_norms_inputs,
     "dp_clip_noise": S.dp_clip_noise_inputs,
+    "dp_clip_noise_with_sum": S.dp_clip_noise_inputs,
     "gaussian_noise_": S.gaussian_noise_inputs,
     "weighted_sum": S.weighted_sum_inputs,
     "stacked_delta": S.stacked_delta_inputs,
@@ -80,7 +83,7 @@ def large_inputs(op: str, dtype: torch.dtype, device: str) -> list[tuple]:
     def w(shape, seed):
         return make_tensor(shape, F32, device, seed=seed)
 
-    if op in ("per_sample_norms", "dp_clip_noise"):
+    if op in ("per_sample_norms", "dp_clip_noise", "dp_clip_noise_with_sum"):
         grads = [t([32, 8, 1024], seed=1, scale=0.05), t([32, 1024, 8], seed=2, scale=0.05),
                  t([32, 4097], "sliced", seed=3, scale=0.05), t([32, 3, 5], "transposed", seed=4)]
         return [(grads,)] if op == "per_sample_norms" else [(grads, 1.0, 1.1, 32.0, 2**40 + 3, 17)]
@@ -142,6 +145,8 @@ def run(op: str, args) -> list[torch.Tensor]:
     out = fn(*args)
     if op == "dp_clip_noise":
         return [*out[0], out[1]]
+    if op == "dp_clip_noise_with_sum":
+        return [*out[0], *out[1], out[2]]
     return [out]
 
 
@@ -154,14 +159,14 @@ def bounds(op: str, args) -> list[tuple[float, int, float]]:
     if op == "per_sample_norms":
         norms = reference.per_sample_norms([g.float() for g in args[0]])
         return [(max_abs(norms), _width(args[0]), 0.0)]
-    if op == "dp_clip_noise":
+    if op in ("dp_clip_noise", "dp_clip_noise_with_sum"):
         grads, max_norm, sigma, denominator = args[:4]
         abs_outs, norms = reference.dp_clip_noise([g.float().abs() for g in grads], max_norm, 0.0, denominator, 0, 0)
         noise = sigma * max_norm / denominator
         terms = grads[0].shape[0] + _width(grads) + 1
-        return [(max_abs(o) + noise * MAX_ABS_NORMAL, terms, noise) for o in abs_outs] + [
-            (max_abs(norms), _width(grads), 0.0)
-        ]
+        outs = [(max_abs(o) + noise * MAX_ABS_NORMAL, terms, noise) for o in abs_outs]
+        sums = [(max_abs(o) * denominator, terms, 0.0) for o in abs_outs] if op == "dp_clip_noise_with_sum" else []
+        return outs + sums + [(max_abs(norms), _width(grads), 0.0)]
     if op == "gaussian_noise_":
         return [(max_abs(x) + args[1] * MAX_ABS_NORMAL, 2, args[1]) for x in args[0]]
     if op == "weighted_sum":
@@ -224,7 +229,7 @@ def test_matches_twin(op, dtype, data):
 def test_samples_match_twin(op):
     """The fixed opcheck samples (every dtype, a strided input, an edge case each)."""
     for args in sample_inputs(op, DEVICE):
-        if op == "dp_clip_noise" and args[0][0].shape[0] == 0:
+        if op.startswith("dp_clip_noise") and args[0][0].shape[0] == 0:
             continue  # B = 0 is pure noise: test_empty_batch_is_pure_noise_equal_to_cpu
         CHECKS[op](*args)
 

@@ -11,6 +11,7 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from torch import nn
 
+from fedlora_ext import reference
 from fedlora_ext.dp import FusedDPOptimizer, fuse
 
 
@@ -411,3 +412,31 @@ def test_batch_memory_manager_equals_opacus():
     for a, b in zip(results[0][0], results[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("accumulated", [False, True], ids=["one_pass", "after_virtual_step"])
+def test_step_noise_is_the_stream_at_the_parameters_positions(accumulated):
+    """p.grad = (p.summed_grad + sigma C z) / expected_batch_size, z the fedlora stream (seed, offset 0) over
+    the flattened parameter list, whether the step runs in one pass (nothing accumulated: clipped sum and
+    noised gradient from one dp_clip_noise_with_sum call) or after a virtual step (the accumulated sum,
+    then gaussian_noise_): both paths draw the same normals at the same positions."""
+    model = GradSampleModule(nn.Linear(6, 4))
+    opt = fuse(DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.8, max_grad_norm=1.0,
+                           expected_batch_size=3), seed=11)
+    model(torch.randn(3, 6, generator=torch.Generator().manual_seed(1))).sum().backward()
+    params = opt.params
+    clipped, _ = reference.dp_clip_noise([p.grad_sample for p in params], 1.0, 0.0, 1.0, 0, 0)
+    earlier = [torch.full_like(p, 0.25) for p in params]  # what a virtual step left in p.summed_grad
+    if accumulated:
+        for p, e in zip(params, earlier):
+            p.summed_grad = e.clone()
+    assert opt.pre_step() is True
+
+    z = reference.stream_normals(11, 0, sum(p.numel() for p in params))
+    start = 0
+    for p, c, e in zip(params, clipped, earlier):
+        summed = c + e if accumulated else c
+        torch.testing.assert_close(p.summed_grad, summed, rtol=1e-5, atol=1e-6)
+        noise = z[start : start + p.numel()].view_as(p)
+        torch.testing.assert_close(p.grad, (summed + 0.8 * 1.0 * noise) / 3, rtol=1e-5, atol=1e-6)
+        start += p.numel()

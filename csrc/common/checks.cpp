@@ -97,18 +97,16 @@ int64_t check_per_sample_grads(const char* op, at::TensorList grads) {
   return B;
 }
 
-void check_clip_noise_scalars(double max_norm, double noise_multiplier, double denominator,
-                              int64_t seed, int64_t offset) {
-  const char* op = "dp_clip_noise";
+void check_clip_noise_scalars(const char* op, double max_norm, double noise_multiplier,
+                              double denominator, int64_t seed, int64_t offset) {
   check_finite(op, "max_norm", max_norm);
   check_finite(op, "noise_multiplier", noise_multiplier);
   check_finite(op, "denominator", denominator);
-  TORCH_CHECK_VALUE(max_norm > 0, "fedlora.dp_clip_noise: max_norm must be > 0, got ", max_norm);
-  TORCH_CHECK_VALUE(noise_multiplier >= 0,
-                    "fedlora.dp_clip_noise: noise_multiplier must be >= 0, got ", noise_multiplier);
-  TORCH_CHECK_VALUE(denominator > 0,
-                    "fedlora.dp_clip_noise: denominator (the expected batch size) must be > 0, got ",
-                    denominator);
+  TORCH_CHECK_VALUE(max_norm > 0, "fedlora.", op, ": max_norm must be > 0, got ", max_norm);
+  TORCH_CHECK_VALUE(noise_multiplier >= 0, "fedlora.", op, ": noise_multiplier must be >= 0, got ",
+                    noise_multiplier);
+  TORCH_CHECK_VALUE(denominator > 0, "fedlora.", op,
+                    ": denominator (the expected batch size) must be > 0, got ", denominator);
   check_seed_offset(op, seed, offset);
 }
 

@@ -14,8 +14,8 @@ namespace fedlora {
 int64_t check_per_sample_grads(const char* op, at::TensorList grads);
 
 // max_norm > 0, noise_multiplier >= 0, denominator > 0 (all finite), seed and offset in [0, 2^63).
-void check_clip_noise_scalars(double max_norm, double noise_multiplier, double denominator,
-                              int64_t seed, int64_t offset);
+void check_clip_noise_scalars(const char* op, double max_norm, double noise_multiplier,
+                              double denominator, int64_t seed, int64_t offset);
 
 // tensors (possibly empty): one floating dtype, one device, no overlap (each element gets one draw).
 void check_noise_targets(at::TensorList tensors, double std, int64_t seed, int64_t offset);

@@ -1,9 +1,13 @@
 #include "common/cpu_loops.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define FEDLORA_MULTIVERSION __attribute__((target_clones("default", "avx2", "avx512f")))
+#include "common/cpu_path.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FEDLORA_X86_PATHS 1
+#define FEDLORA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FEDLORA_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
 #else
-#define FEDLORA_MULTIVERSION
+#define FEDLORA_X86_PATHS 0
 #endif
 #define FEDLORA_INLINE inline __attribute__((always_inline))
 
@@ -64,16 +68,37 @@ FEDLORA_INLINE void add_scaled_impl(T* __restrict x, const float* __restrict z, 
 
 }  // namespace
 
-#define FEDLORA_LOOPS_FOR(T)                                                                          \
-  FEDLORA_MULTIVERSION float sum_squares(const T* x, int64_t n) { return sum_squares_impl(x, n); }  \
-  FEDLORA_MULTIVERSION void axpy4(float* acc, const T* const x[4], const float w[4], int64_t n) {    \
-    axpy4_impl(acc, x, w, n);                                                                         \
-  }                                                                                                   \
-  FEDLORA_MULTIVERSION void axpy(float* acc, const T* x, float w, int64_t n) { axpy_impl(acc, x, w, n); } \
-  FEDLORA_MULTIVERSION void axpy_columns(float* acc, const T* x, const float* w, int64_t n) {        \
-    axpy_columns_impl(acc, x, w, n);                                                                  \
-  }                                                                                                   \
-  FEDLORA_MULTIVERSION void add_scaled(T* x, const float* z, float s, int64_t n) { add_scaled_impl(x, z, s, n); }
+// Each loop three times, compiled for the baseline ISA, AVX2+FMA and AVX-512 (this file is built with
+// -ffp-contract=off, so no path fuses a multiply-add the others round twice: bitwise equal results), and
+// a public entry that calls the one cpu_path() names.
+#if FEDLORA_X86_PATHS
+#define FEDLORA_ON_PATH(NAME, ARGS)                              \
+  switch (cpu_path()) {                                          \
+    case CpuPath::kAvx512:                                       \
+      return NAME##_avx512 ARGS;                                 \
+    case CpuPath::kAvx2:                                         \
+      return NAME##_avx2 ARGS;                                   \
+    case CpuPath::kScalar:                                       \
+      break;                                                     \
+  }                                                              \
+  return NAME##_impl ARGS;
+#define FEDLORA_VERSIONS(RET, NAME, PARAMS, ARGS)                                    \
+  namespace {                                                                        \
+  FEDLORA_TARGET_AVX2 RET NAME##_avx2 PARAMS { return NAME##_impl ARGS; }            \
+  FEDLORA_TARGET_AVX512 RET NAME##_avx512 PARAMS { return NAME##_impl ARGS; }        \
+  }                                                                                  \
+  RET NAME PARAMS { FEDLORA_ON_PATH(NAME, ARGS) }
+#else
+#define FEDLORA_VERSIONS(RET, NAME, PARAMS, ARGS) \
+  RET NAME PARAMS { return NAME##_impl ARGS; }
+#endif
+
+#define FEDLORA_LOOPS_FOR(T)                                                                                  \
+  FEDLORA_VERSIONS(float, sum_squares, (const T* x, int64_t n), (x, n))                                       \
+  FEDLORA_VERSIONS(void, axpy4, (float* acc, const T* const x[4], const float w[4], int64_t n), (acc, x, w, n)) \
+  FEDLORA_VERSIONS(void, axpy, (float* acc, const T* x, float w, int64_t n), (acc, x, w, n))                  \
+  FEDLORA_VERSIONS(void, axpy_columns, (float* acc, const T* x, const float* w, int64_t n), (acc, x, w, n))   \
+  FEDLORA_VERSIONS(void, add_scaled, (T* x, const float* z, float s, int64_t n), (x, z, s, n))
 
 FEDLORA_LOOPS_FOR(float)
 FEDLORA_LOOPS_FOR(c10::Half)

@@ -1,6 +1,6 @@
-// Inner loops of the CPU kernels, built for AVX2 and AVX-512 besides the baseline ISA and picked at load
-// time (GCC/Clang function multi-versioning): at the baseline's 128-bit SIMD these loops cannot keep up
-// with the cache bandwidth the per-sample gradients stream at.
+// Inner loops of the CPU kernels, built for AVX2 and AVX-512 besides the baseline ISA; every call takes
+// the path common/cpu_path.h names: at the baseline's 128-bit SIMD these loops cannot keep up with the
+// cache bandwidth the per-sample gradients stream at.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -1,5 +1,6 @@
 #include "common/normal_cpu.h"
 
+#include "common/cpu_path.h"
 #include "common/philox.h"
 
 #include <algorithm>
@@ -7,8 +8,9 @@
 #include <cmath>
 #include <cstring>
 
-// The batch generator is compute-bound: on x86 it is also built for AVX2+FMA and AVX-512, and the
-// best one the CPU supports is picked at load time.
+// The batch generator is compute-bound: on x86 it is also built for AVX2+FMA and AVX-512, and every call
+// takes the path cpu_path() names. This file is built with -ffp-contract=off: no path fuses a multiply-add
+// that another rounds twice, so all of them give bitwise the same stream.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FEDLORA_X86_DISPATCH 1
 #include <immintrin.h>
@@ -177,21 +179,25 @@ FEDLORA_PHILOX_SIMD("avx2,fma", __m256i, 256, _mm256_load_si256, _mm256_store_si
 
 using BatchFn = void (*)(uint64_t, uint64_t, uint64_t, float*);
 
-// Picked once, by what the CPU running us supports.
-BatchFn select_batch_fn() {
+// The generator of the path cpu_path() names.
+BatchFn batch_fn() {
 #if FEDLORA_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return normals_batch_512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return normals_batch_256;
+  switch (cpu_path()) {
+    case CpuPath::kAvx512:
+      return normals_batch_512;
+    case CpuPath::kAvx2:
+      return normals_batch_256;
+    case CpuPath::kScalar:
+      break;
+  }
 #endif
   return normals_batch_portable;
 }
 
-const BatchFn normals_batch = select_batch_fn();
-
 }  // namespace
 
 void fill_normals(uint64_t seed, uint64_t offset, int64_t first, int64_t count, float* out) {
+  const BatchFn normals_batch = batch_fn();
   float staging[kBatch];
   int64_t e = first;
   const int64_t end = first + count;

@@ -2,7 +2,8 @@
 //
 // Two passes over the per-sample gradients of all tensors of a call, each one parallel loop over the
 // column chunks of every tensor: pass 1 sums squares per sample, pass 2 clips, sums over the batch,
-// adds the noise stream and divides by the denominator. Partial sums are reduced in a fixed order,
+// adds the noise stream and divides by the denominator (dp_clip_noise_with_sum also writes the clipped
+// sum from that pass, for opacus's p.summed_grad). Partial sums are reduced in a fixed order,
 // so results do not depend on the thread count.
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -73,20 +74,28 @@ at::Tensor per_sample_norms_cpu(at::TensorList per_sample_grads) {
   return norms_of(f, B, per_sample_grads[0].scalar_type());
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList per_sample_grads,
-                                                                  double max_norm,
-                                                                  double noise_multiplier,
-                                                                  double denominator, int64_t seed,
-                                                                  int64_t offset) {
-  const int64_t B = check_per_sample_grads("dp_clip_noise", per_sample_grads);
-  check_clip_noise_scalars(max_norm, noise_multiplier, denominator, seed, offset);
+// The tensors of one dp_clip_noise call: outs_j and, when kept, the clipped sums_j (both g_j.shape[1:]).
+struct ClipNoiseResult {
+  std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> sums;
+  at::Tensor norms;
+};
+
+// One read of the per-sample gradients gives the clipped sum a_j = sum_i c_i g_j[i] in float32; outs_j =
+// (a_j + noise_std z_j) / denominator and, with keep_sums, sums_j = a_j, both rounded once from a_j.
+ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads, double max_norm,
+                           double noise_multiplier, double denominator, int64_t seed, int64_t offset,
+                           bool keep_sums) {
+  const int64_t B = check_per_sample_grads(op, per_sample_grads);
+  check_clip_noise_scalars(op, max_norm, noise_multiplier, denominator, seed, offset);
   const at::ScalarType dtype = per_sample_grads[0].scalar_type();
   const Flattened f = flatten_per_sample(per_sample_grads);
-  at::Tensor norms = norms_of(f, B, dtype);
+  ClipNoiseResult result;
+  result.norms = norms_of(f, B, dtype);
 
   // c_i = min(1, C / (n_i + 1e-6)), exactly as opacus computes it.
   std::vector<float> clip(static_cast<size_t>(B));
-  const float* n = norms.const_data_ptr<float>();
+  const float* n = result.norms.const_data_ptr<float>();
   for (int64_t i = 0; i < B; ++i) {
     // NaN stays NaN (as in the twin and opacus): std::min(1, NaN) would be 1 and let a poisoned sample
     // through unclipped, the rest of its coordinates with it.
@@ -94,9 +103,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
     clip[i] = std::isnan(c) ? c : std::min(1.0f, c);
   }
 
-  std::vector<at::Tensor> outs;
   for (const at::Tensor& g : per_sample_grads) {
-    outs.push_back(at::empty(g.sizes().slice(1), g.options().memory_format(at::MemoryFormat::Contiguous)));
+    const auto options = g.options().memory_format(at::MemoryFormat::Contiguous);
+    result.outs.push_back(at::empty(g.sizes().slice(1), options));
+    if (keep_sums) result.sums.push_back(at::empty(g.sizes().slice(1), options));
   }
   const std::vector<Chunk> chunks = plan_chunks(f.widths, kChunkWidth);
   const std::vector<int64_t> starts = list_offsets(f.widths);
@@ -121,18 +131,41 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
           loops::axpy4(a, rows, &clip[i], len);
         }
         for (; i < B; ++i) loops::axpy(a, g + i * width, clip[i], len);
+        if (keep_sums) {
+          scalar_t* sum = result.sums[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
+          for (int64_t k = 0; k < len; ++k) sum[k] = static_cast<scalar_t>(a[k]);
+        }
         if (add_noise) {
           float* z = noise.data();
           fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                        starts[chunk.tensor] + chunk.begin, len, z);
           loops::axpy(a, z, noise_std, len);
         }
-        scalar_t* out = outs[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
+        scalar_t* out = result.outs[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
         for (int64_t k = 0; k < len; ++k) out[k] = static_cast<scalar_t>(a[k] * inv_denominator);
       }
     });
   });
-  return {outs, norms};
+  return result;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList per_sample_grads,
+                                                                  double max_norm,
+                                                                  double noise_multiplier,
+                                                                  double denominator, int64_t seed,
+                                                                  int64_t offset) {
+  ClipNoiseResult r = clip_noise("dp_clip_noise", per_sample_grads, max_norm, noise_multiplier,
+                                 denominator, seed, offset, /*keep_sums=*/false);
+  return {std::move(r.outs), std::move(r.norms)};
+}
+
+// Returns (outs_j, sums_j, norms): dp_clip_noise's outputs plus the clipped sums, from the same pass.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dp_clip_noise_with_sum_cpu(
+    at::TensorList per_sample_grads, double max_norm, double noise_multiplier, double denominator,
+    int64_t seed, int64_t offset) {
+  ClipNoiseResult r = clip_noise("dp_clip_noise_with_sum", per_sample_grads, max_norm, noise_multiplier,
+                                 denominator, seed, offset, /*keep_sums=*/true);
+  return {std::move(r.outs), std::move(r.sums), std::move(r.norms)};
 }
 
 }  // namespace
@@ -140,6 +173,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList
 TORCH_LIBRARY_IMPL(fedlora, CPU, m) {
   m.impl("per_sample_norms", &per_sample_norms_cpu);
   m.impl("dp_clip_noise", &dp_clip_noise_cpu);
+  m.impl("dp_clip_noise_with_sum", &dp_clip_noise_with_sum_cpu);
 }
 
 }  // namespace fedlora

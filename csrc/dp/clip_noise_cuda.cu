@@ -5,7 +5,8 @@
 //   2. norms: one thread per sample sums partial[:, i] in a fixed order (no float atomics, so norms
 //      are reproducible run to run) and writes n_i and, for dp_clip_noise, c_i = min(1, C / (n_i + 1e-6)).
 //   3. clip_sum_noise: one thread per Philox block, i.e. 4 consecutive elements e of the flattened list,
-//      out[e] = (sum_i c_i g[i, e] + std * z_e) / denominator. Reads every gradient element once more.
+//      out[e] = (sum_i c_i g[i, e] + std * z_e) / denominator (and for dp_clip_noise_with_sum also the
+//      clipped sum itself). Reads every gradient element once more.
 // The per-tensor descriptors and the chunk table travel in one pinned buffer with one async copy.
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -39,6 +40,7 @@ constexpr int kNormLanes = 8;          // ... times chunk lanes per sample (thre
 struct GradDesc {
   const void* grad;  // [B, D] contiguous, scalar_t
   void* out;         // [D] contiguous, scalar_t; null for per_sample_norms
+  void* sum;         // [D] contiguous, scalar_t: the clipped sum (dp_clip_noise_with_sum), else null
   int64_t width;     // D = numel of one sample
   int64_t start;     // index of its first output element in the flattened list (noise stream index)
 };
@@ -100,7 +102,8 @@ __global__ void norms_kernel(const float* partial,  // [C, B]
 }
 
 // Elements e = 4q .. 4q + 3 of the flattened list (one Philox block; they may straddle tensors):
-// out[e] = (sum_i clip[i] g[i, e] + noise_std * z_e) * inv_denominator, summed over i in order.
+// out[e] = (sum_i clip[i] g[i, e] + noise_std * z_e) * inv_denominator, summed over i in order, and
+// sum[e] = sum_i clip[i] g[i, e] where the tensor keeps its clipped sum (null pointers otherwise).
 template <typename scalar_t>
 __global__ void clip_sum_noise_kernel(const GradDesc* descs,  // [J]
                                       int64_t n_tensors, int64_t total, int64_t B,
@@ -118,6 +121,7 @@ __global__ void clip_sum_noise_kernel(const GradDesc* descs,  // [J]
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const scalar_t* in[4];
     scalar_t* out[4];
+    scalar_t* sum[4];
     int64_t width[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t) {  // where column t lives: its tensor, its first row, its output
@@ -126,10 +130,11 @@ __global__ void clip_sum_noise_kernel(const GradDesc* descs,  // [J]
       const int64_t col = e - descs[j].start;
       in[t] = static_cast<const scalar_t*>(descs[j].grad) + col;
       out[t] = static_cast<scalar_t*>(descs[j].out) + col;
+      sum[t] = descs[j].sum == nullptr ? nullptr : static_cast<scalar_t*>(descs[j].sum) + col;
       width[t] = descs[j].width;
     }
-    const bool vector = one_tensor && width[0] % 4 == 0 &&
-                        cuda::is_aligned<4>(in[0]) && cuda::is_aligned<4>(out[0]);
+    const bool vector = one_tensor && width[0] % 4 == 0 && cuda::is_aligned<4>(in[0]) &&
+                        cuda::is_aligned<4>(out[0]) && (sum[0] == nullptr || cuda::is_aligned<4>(sum[0]));
     if (vector) {  // four columns of one tensor: one aligned load per row
 #pragma unroll 4
       for (int64_t i = 0; i < B; ++i) {
@@ -146,6 +151,17 @@ __global__ void clip_sum_noise_kernel(const GradDesc* descs,  // [J]
         for (int t = 0; t < 4; ++t) {
           if (t < n) acc[t] += ci * static_cast<float>(in[t][i * width[t]]);
         }
+      }
+    }
+    if (vector && sum[0] != nullptr) {
+      Pack<scalar_t, 4> y;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) y.v[t] = static_cast<scalar_t>(acc[t]);
+      *reinterpret_cast<Pack<scalar_t, 4>*>(sum[0]) = y;
+    } else if (!vector) {
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        if (t < n && sum[t] != nullptr) *sum[t] = static_cast<scalar_t>(acc[t]);
       }
     }
 #pragma unroll
@@ -180,7 +196,8 @@ struct DeviceList {
 };
 
 DeviceList upload_list(at::TensorList grads,                  // each [B, ...]
-                       const std::vector<at::Tensor>& outs) {  // each [...] = grads[j].shape[1:], or none
+                       const std::vector<at::Tensor>& outs,   // each [...] = grads[j].shape[1:], or none
+                       const std::vector<at::Tensor>& sums) {  // like outs, or none
   DeviceList list;
   std::vector<int64_t> widths;
   for (const at::Tensor& g : grads) {
@@ -191,7 +208,8 @@ DeviceList upload_list(at::TensorList grads,                  // each [B, ...]
   std::vector<GradDesc> descs;
   for (size_t j = 0; j < grads.size(); ++j) {
     void* out = outs.empty() ? nullptr : outs[j].mutable_data_ptr();
-    descs.push_back({list.matrices[j].const_data_ptr(), out, widths[j], starts[j]});
+    void* sum = sums.empty() ? nullptr : sums[j].mutable_data_ptr();
+    descs.push_back({list.matrices[j].const_data_ptr(), out, sum, widths[j], starts[j]});
   }
   const std::vector<Chunk> chunks = plan_chunks(widths, kChunkWidth);
   DeviceTables tables;
@@ -231,30 +249,38 @@ at::Tensor per_sample_norms_cuda(at::TensorList per_sample_grads) {  // each [B,
   const c10::cuda::CUDAGuard guard(per_sample_grads[0].device());
   at::Tensor norms = at::empty({B}, per_sample_grads[0].options().dtype(at::kFloat));
   if (B == 0) return norms;
-  const DeviceList list = upload_list(per_sample_grads, {});
+  const DeviceList list = upload_list(per_sample_grads, {}, {});
   launch_norms(list, B, per_sample_grads[0].scalar_type(), 0.0f, norms, nullptr);
   return norms;
 }
 
-// Returns (out_j [...] = g_j.shape[1:], norms [B] float32).
-std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorList per_sample_grads,  // each [B, ...]
-                                                                   double max_norm,
-                                                                   double noise_multiplier,
-                                                                   double denominator, int64_t seed,
-                                                                   int64_t offset) {
-  const int64_t B = check_per_sample_grads("dp_clip_noise", per_sample_grads);
-  check_clip_noise_scalars(max_norm, noise_multiplier, denominator, seed, offset);
+// The tensors of one dp_clip_noise call: outs_j and, when kept, the clipped sums_j (both g_j.shape[1:]).
+struct ClipNoiseResult {
+  std::vector<at::Tensor> outs;
+  std::vector<at::Tensor> sums;
+  at::Tensor norms;  // [B] float32
+};
+
+ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads,  // each [B, ...]
+                           double max_norm, double noise_multiplier, double denominator, int64_t seed,
+                           int64_t offset, bool keep_sums) {
+  const int64_t B = check_per_sample_grads(op, per_sample_grads);
+  check_clip_noise_scalars(op, max_norm, noise_multiplier, denominator, seed, offset);
   const c10::cuda::CUDAGuard guard(per_sample_grads[0].device());
   const at::ScalarType dtype = per_sample_grads[0].scalar_type();
-  at::Tensor norms = at::empty({B}, per_sample_grads[0].options().dtype(at::kFloat));  // [B]
-  at::Tensor clip = at::empty({B}, norms.options());                                  // [B]
-  std::vector<at::Tensor> outs;
+  ClipNoiseResult result;
+  result.norms = at::empty({B}, per_sample_grads[0].options().dtype(at::kFloat));  // [B]
+  at::Tensor clip = at::empty({B}, result.norms.options());                        // [B]
   for (const at::Tensor& g : per_sample_grads) {
-    outs.push_back(at::empty(g.sizes().slice(1), g.options().memory_format(at::MemoryFormat::Contiguous)));
+    const auto options = g.options().memory_format(at::MemoryFormat::Contiguous);
+    result.outs.push_back(at::empty(g.sizes().slice(1), options));
+    if (keep_sums) result.sums.push_back(at::empty(g.sizes().slice(1), options));
   }
-  const DeviceList list = upload_list(per_sample_grads, outs);
-  if (B > 0) launch_norms(list, B, dtype, static_cast<float>(max_norm), norms, clip.mutable_data_ptr<float>());
-  if (list.total == 0) return {outs, norms};
+  const DeviceList list = upload_list(per_sample_grads, result.outs, result.sums);
+  if (B > 0) {
+    launch_norms(list, B, dtype, static_cast<float>(max_norm), result.norms, clip.mutable_data_ptr<float>());
+  }
+  if (list.total == 0) return result;
 
   const ClipNoiseParams params{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                                static_cast<float>(noise_multiplier * max_norm),
@@ -266,7 +292,27 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorLis
         list.descs, list.n_tensors, list.total, B, clip.const_data_ptr<float>(), params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {outs, norms};
+  return result;
+}
+
+// Returns (out_j [...] = g_j.shape[1:], norms [B] float32).
+std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorList per_sample_grads,  // each [B, ...]
+                                                                   double max_norm,
+                                                                   double noise_multiplier,
+                                                                   double denominator, int64_t seed,
+                                                                   int64_t offset) {
+  ClipNoiseResult r = clip_noise("dp_clip_noise", per_sample_grads, max_norm, noise_multiplier,
+                                 denominator, seed, offset, /*keep_sums=*/false);
+  return {std::move(r.outs), std::move(r.norms)};
+}
+
+// Returns (out_j, sum_j [...] = g_j.shape[1:], norms [B] float32): the clipped sums from the same pass.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dp_clip_noise_with_sum_cuda(
+    at::TensorList per_sample_grads, double max_norm, double noise_multiplier, double denominator,
+    int64_t seed, int64_t offset) {
+  ClipNoiseResult r = clip_noise("dp_clip_noise_with_sum", per_sample_grads, max_norm, noise_multiplier,
+                                 denominator, seed, offset, /*keep_sums=*/true);
+  return {std::move(r.outs), std::move(r.sums), std::move(r.norms)};
 }
 
 }  // namespace
@@ -274,6 +320,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorLis
 TORCH_LIBRARY_IMPL(fedlora, CUDA, m) {
   m.impl("per_sample_norms", &per_sample_norms_cuda);
   m.impl("dp_clip_noise", &dp_clip_noise_cuda);
+  m.impl("dp_clip_noise_with_sum", &dp_clip_noise_with_sum_cuda);
 }
 
 }  // namespace fedlora

@@ -2,11 +2,13 @@
 
 opacus 1.6 runs ``clip_and_accumulate(); add_noise(); scale_grad()`` as a few ATen calls per parameter;
 :class:`FusedDPOptimizer` does the per-sample work (norms, flat clipping ``c_i = min(1, C / (n_i + 1e-6))``,
-the clipped sum) as one ``fedlora_ext.ops.dp_clip_noise`` call over every parameter, then the scale
-(division by ``expected_batch_size * accumulated_iterations`` for mean reduction) as one ``_foreach_div``
-and the noise ``N(0, (sigma C)^2)`` as one ``fedlora_ext.ops.gaussian_noise_`` call over every parameter.
-The clipped sum is kept in ``p.summed_grad`` as opacus keeps it (so virtual steps accumulate there), the
-stream positions of the noise are those ``dp_clip_noise`` would give it (DESIGN.md "The noise stream").
+the clipped sum, the noise ``N(0, (sigma C)^2)`` and the division by ``expected_batch_size *
+accumulated_iterations`` for mean reduction) as one ``fedlora_ext.ops.dp_clip_noise_with_sum`` call over
+every parameter: one read of the per-sample gradients gives both the clipped sum, kept in ``p.summed_grad``
+as opacus keeps it, and the noised gradient. Virtual steps accumulate into ``p.summed_grad`` instead
+(``dp_clip_noise`` with the noise off); the real step after them scales the accumulated sum with one
+``_foreach_div`` and noises it with one ``fedlora_ext.ops.gaussian_noise_`` call. Either way the noise takes
+the stream positions ``dp_clip_noise`` would give it (DESIGN.md "The noise stream").
 With the noise off the result equals opacus's to float rounding; with it on the noise has the same
 distribution, drawn from the fedlora Philox stream instead of torch's generator.
 
@@ -165,11 +167,45 @@ class FusedDPOptimizer(DPOptimizer):
             return super().pre_step(closure)
         params = self.params
 
-        # clip_and_accumulate: refuse per-sample grads a step already used (opacus's ValueError), clip
-        # and sum them in one call, accumulate into p.summed_grad, mark them used
+        # clip_and_accumulate: refuse per-sample grads a step already used (opacus's ValueError)
         for p in params:
             _check_processed_flag(p.grad_sample)
         per_sample = [g.to(p.dtype) for g, p in zip(grad_samples, params)]
+        denominator = (self.expected_batch_size * self.accumulated_iterations
+                       if self.loss_reduction == "mean" else 1)
+        # A real step with nothing accumulated needs the clipped sum and the noised gradient from the same
+        # data: one pass. Virtual steps (and the real step after them) accumulate into p.summed_grad first.
+        one_pass = not self._check_skip_next_step(pop_next=False) and all(p.summed_grad is None for p in params)
+        if one_pass:
+            self._clip_noise_in_one_pass(params, per_sample, denominator)
+        else:
+            self._accumulate(params, per_sample)
+        if self._check_skip_next_step():  # pops the queue, as opacus does on every step
+            self._is_last_step_skipped = True
+            return False
+        if not one_pass:
+            self._noise_and_scale(params, denominator)
+
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def _clip_noise_in_one_pass(self, params, per_sample, denominator) -> None:
+        """p.summed_grad (the clipped sum) and p.grad (noised and scaled) from one read of the per-sample
+        gradients; the noise takes the stream positions gaussian_noise_ would give it."""
+        sigma = self.noise_multiplier
+        seed, offset = self._noise_key() if sigma * self.max_grad_norm > 0 else (0, 0)
+        grads, sums, _ = ops.dp_clip_noise_with_sum(per_sample, self.max_grad_norm, sigma, float(denominator),
+                                                    seed, offset)
+        for p, s, grad in zip(params, sums, grads):
+            p.summed_grad = s
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.grad_sample)
+            _mark_as_processed(p.summed_grad)
+
+    def _accumulate(self, params, per_sample) -> None:
+        """clip_and_accumulate: clip and sum in one call, add into p.summed_grad, mark the grads used."""
         sums, _ = ops.dp_clip_noise(per_sample, self.max_grad_norm, 0.0, 1.0, 0, 0)
         for p, s in zip(params, sums):
             if p.summed_grad is not None:
@@ -178,16 +214,11 @@ class FusedDPOptimizer(DPOptimizer):
                 p.summed_grad = s
             _mark_as_processed(p.grad_sample)
 
-        if self._check_skip_next_step():
-            self._is_last_step_skipped = True
-            return False
-
-        # add_noise + scale_grad: p.grad = (summed + N(0, (sigma C)^2)) / denominator, as new tensors
+    def _noise_and_scale(self, params, denominator) -> None:
+        """add_noise + scale_grad on the accumulated sum: p.grad = (summed + N(0, (sigma C)^2)) / denominator."""
         summed = [p.summed_grad for p in params]
         for s in summed:
             _check_processed_flag(s)
-        denominator = (self.expected_batch_size * self.accumulated_iterations
-                       if self.loss_reduction == "mean" else 1)
         grads = torch._foreach_div(summed, float(denominator))
         std = self.noise_multiplier * self.max_grad_norm / denominator
         if std > 0:
@@ -195,11 +226,6 @@ class FusedDPOptimizer(DPOptimizer):
         for p, grad in zip(params, grads):
             p.grad = grad.view_as(p)
             _mark_as_processed(p.summed_grad)
-
-        if self.step_hook:
-            self.step_hook(self)
-        self._is_last_step_skipped = False
-        return True
 
 
 def fuse(dp_optimizer: DPOptimizer, *, seed: int | None = None,
