@@ -1,6 +1,7 @@
 #include "common/normal_cpu.h"
 
 #include "common/cpu_path.h"
+#include "common/normal_avx2.h"
 #include "common/philox.h"
 
 #include <algorithm>
@@ -8,9 +9,10 @@
 #include <cmath>
 #include <cstring>
 
-// The batch generator is compute-bound: on x86 it is also built for AVX2+FMA and AVX-512, and every call
-// takes the path cpu_path() names. This file is built with -ffp-contract=off: no path fuses a multiply-add
-// that another rounds twice, so all of them give bitwise the same stream.
+// The batch generator is compute-bound: on x86 it is also built for AVX-512 here and for AVX2 with
+// intrinsics (normal_avx2.cpp), and every call takes the path cpu_path() names. These files are built
+// with -ffp-contract=off: no path fuses a multiply-add that another rounds twice, so all of them give
+// bitwise the same stream.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FEDLORA_X86_DISPATCH 1
 #include <immintrin.h>
@@ -168,13 +170,9 @@ void normals_batch_portable(uint64_t seed, uint64_t offset, uint64_t group, floa
   }
 
 #define FEDLORA_BLEND_ODD_512(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
-#define FEDLORA_BLEND_ODD_256(a, b) _mm256_blend_epi32(a, b, 0xAA)
 FEDLORA_PHILOX_SIMD("avx512f", __m512i, 512, _mm512_load_si512, _mm512_store_si512, _mm512_set1_epi32,
                     _mm512_mul_epu32, _mm512_srli_epi64, _mm512_slli_epi64, _mm512_xor_si512,
                     FEDLORA_BLEND_ODD_512)
-FEDLORA_PHILOX_SIMD("avx2,fma", __m256i, 256, _mm256_load_si256, _mm256_store_si256, _mm256_set1_epi32,
-                    _mm256_mul_epu32, _mm256_srli_epi64, _mm256_slli_epi64, _mm256_xor_si256,
-                    FEDLORA_BLEND_ODD_256)
 #endif
 
 using BatchFn = void (*)(uint64_t, uint64_t, uint64_t, float*);
@@ -186,7 +184,7 @@ BatchFn batch_fn() {
     case CpuPath::kAvx512:
       return normals_batch_512;
     case CpuPath::kAvx2:
-      return normals_batch_256;
+      return normals_batch_avx2;  // hand-vectorised: normal_avx2.cpp
     case CpuPath::kScalar:
       break;
   }
