@@ -127,7 +127,7 @@ def _config(case: Case, threads: int, ctx: Context, *, main_bytes: int, bytes_mo
         case=case.case,
         shapes=case.shapes,
         threads=threads,
-        dtype="float32",
+        dtype=str(case.params.get("dtype", torch.float32)).removeprefix("torch."),
         repeats=ctx.repeats,
         main_bytes=main_bytes,
         bytes_moved=bytes_moved,
@@ -263,27 +263,29 @@ def run_weighted_sum(case: Case, st: dict, threads: int, ctx: Context) -> BenchR
 
 def build_stacked(p: Mapping[str, Any]) -> dict:
     torch.manual_seed(2)
-    m, n, K, r = p["m"], p["n"], p["K"], p["r"]
-    Bs = [torch.randn(m, r) * 0.02 for _ in range(K)]
-    As = [torch.randn(r, n) * 0.02 for _ in range(K)]
+    m, n, K, r, dtype = p["m"], p["n"], p["K"], p["r"], p.get("dtype", torch.float32)
+    Bs = [(torch.randn(m, r) * 0.02).to(dtype) for _ in range(K)]
+    As = [(torch.randn(r, n) * 0.02).to(dtype) for _ in range(K)]
     w = torch.rand(K)
     w = w / w.sum()
-    st = {"W": torch.randn(m, n) * 0.02, "Bs": Bs, "As": As, "w": w}
-    # the addmm baseline's factors: weights folded into B, concatenated once, outside the timed region
+    st = {"W": (torch.randn(m, n) * 0.02).to(dtype), "Bs": Bs, "As": As, "w": w}
+    # the addmm baseline's factors (in W's dtype): weights folded into B, concatenated once, outside the
+    # timed region
     st["B_cat"] = torch.cat([wk * B for wk, B in zip(w.tolist(), Bs)], dim=1).contiguous()
     st["A_cat"] = torch.cat(As, dim=0).contiguous()
     return st
 
 
 def _stacked_bytes(p: Mapping[str, Any], w_passes: int) -> int:
-    return (w_passes * p["m"] * p["n"] + (p["m"] + p["n"]) * p["K"] * p["r"]) * F32
+    size = p.get("dtype", torch.float32).itemsize
+    return (w_passes * p["m"] * p["n"] + (p["m"] + p["n"]) * p["K"] * p["r"]) * size
 
 
 def run_stacked_delta_inplace(case: Case, st: dict, threads: int, ctx: Context) -> BenchResult:
     p = case.params
     W, Bs, As, w, scale = st["W"], st["Bs"], st["As"], st["w"], p["scale"]
     B_cat, A_cat = st["B_cat"], st["A_cat"]
-    cfg = _config(case, threads, ctx, main_bytes=W.numel() * F32, bytes_moved=_stacked_bytes(p, 2))
+    cfg = _config(case, threads, ctx, main_bytes=W.numel() * W.element_size(), bytes_moved=_stacked_bytes(p, 2))
 
     fns, err = harness.stacked_delta_inplace_variants(W, Bs, As, w, scale, B_cat, A_cat)
     result = _time_case(ctx, cfg, fns, extra={"max_abs_err_vs_twin": err})
@@ -356,11 +358,14 @@ def make_cases(quick: bool) -> list[Case]:
         p = {"K": K, "rows": rows, "rank": 16}
         cases.append(Case("weighted_sum", f"K{K}", f"{K} x [{rows}, 16], [K] weights, rank_dim 1", p, build_weighted_sum, run_weighted_sum))
     sizes = (256,) if quick else (1024, 4096)
-    ranks = ((4, 8),) if quick else ((10, 8), (40, 16))
-    for m in sizes:
-        for K, r in ranks:
-            p = {"m": m, "n": m, "K": K, "r": r, "scale": 2.0}
-            cases.append(Case("stacked_delta_", f"m{m}_Kr{K * r}", f"W[{m},{m}], {K} x (B[{m},{r}], A[{r},{m}])", p, build_stacked, run_stacked_delta_inplace))
+    ranks = ((4, 8),) if quick else ((2, 8), (10, 8), (40, 16))  # K r = 16, 80, 640
+    for dtype in (torch.float32, torch.bfloat16):
+        suffix = "" if dtype == torch.float32 else "_bf16"
+        for m in sizes:
+            for K, r in ranks:
+                p = {"m": m, "n": m, "K": K, "r": r, "scale": 2.0, "dtype": dtype}
+                shapes = f"W[{m},{m}], {K} x (B[{m},{r}], A[{r},{m}]) {str(dtype).removeprefix('torch.')}"
+                cases.append(Case("stacked_delta_", f"m{m}_Kr{K * r}{suffix}", shapes, p, build_stacked, run_stacked_delta_inplace))
     m, (K, r) = (256, (4, 8)) if quick else (4096, (10, 8))
     p = {"m": m, "n": m, "K": K, "r": r, "scale": 2.0}
     cases.append(Case("stacked_delta", f"m{m}_Kr{K * r}", f"{K} x (B[{m},{r}], A[{r},{m}]) -> [{m},{m}]", p, build_stacked, run_stacked_delta))

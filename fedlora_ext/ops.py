@@ -107,13 +107,7 @@ def dp_clip_noise_with_sum(
     without a second pass over the per-sample gradients. ``outs`` and ``norms`` are bitwise those of
     :func:`dp_clip_noise` with the same arguments (the same noise stream and positions).
 
-    Args:
-        per_sample_grads: tensors ``g_j`` of shape ``[B, ...]``; ``B = 0`` gives zero sums.
-        max_norm: clipping bound ``C > 0``.
-        noise_multiplier: ``sigma >= 0``; 0 adds nothing.
-        denominator: ``> 0``, the expected batch size for mean reduction (1 for sum reduction).
-        seed: noise key in ``[0, 2^63)``; a client secret.
-        offset: noise counter in ``[0, 2^63)``; a fresh value per call.
+    Args are those of :func:`dp_clip_noise` (``B = 0`` gives zero sums).
 
     Returns:
         ``(outs, sums, norms)``: ``outs[j] = (sums[j] + noise_multiplier * max_norm * z_j) / denominator``

@@ -170,7 +170,9 @@ class FusedDPOptimizer(DPOptimizer):
         # clip_and_accumulate: refuse per-sample grads a step already used (opacus's ValueError)
         for p in params:
             _check_processed_flag(p.grad_sample)
-        per_sample = [g.to(p.dtype) for g, p in zip(grad_samples, params)]
+        # (no .to() call where the dtype already matches: a Python-level op per parameter is a visible
+        # share of a fused step over a few dozen LoRA tensors)
+        per_sample = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grad_samples, params)]
         denominator = (self.expected_batch_size * self.accumulated_iterations
                        if self.loss_reduction == "mean" else 1)
         # A real step with nothing accumulated needs the clipped sum and the noised gradient from the same
@@ -200,7 +202,7 @@ class FusedDPOptimizer(DPOptimizer):
                                                     seed, offset)
         for p, s, grad in zip(params, sums, grads):
             p.summed_grad = s
-            p.grad = grad.view_as(p)
+            p.grad = grad if grad.shape == p.shape else grad.view_as(p)  # g_j.shape[1:] is p's shape
             _mark_as_processed(p.grad_sample)
             _mark_as_processed(p.summed_grad)
 
