@@ -40,7 +40,10 @@ def build_info() -> dict:
     Returns:
         A dict with ``torch_version`` (the torch it was compiled against), ``cuda`` (whether CUDA
         kernels are compiled in), ``cuda_archs`` (their architectures, e.g. ``["90-real"]``),
-        ``openmp`` and ``num_threads`` (the intra-op thread count now in effect).
+        ``openmp``, ``num_threads`` (the intra-op thread count now in effect), ``cpu_path`` (the vector
+        path the CPU kernels take now: ``"avx512"``, ``"avx2"`` or ``"scalar"``; the best this CPU runs
+        unless ``FEDLORA_CPU_PATH`` at import or ``fedlora_ext._C.set_cpu_path`` picked another) and
+        ``cpu_paths`` (those this CPU runs, best first; every one gives bitwise the same results).
     """
     if _C is None:
         raise RuntimeError("fedlora_ext: the native library is not loaded; see the import warning")

@@ -19,7 +19,17 @@ CpuPath detect() {
   return CpuPath::kScalar;
 }
 
+bool detect_bf16_dot() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 const CpuPath kBest = detect();
+const bool kBf16Dot = detect_bf16_dot();
 std::atomic<int> current{static_cast<int>(kBest)};
 
 }  // namespace
@@ -27,6 +37,8 @@ std::atomic<int> current{static_cast<int>(kBest)};
 CpuPath cpu_path() { return static_cast<CpuPath>(current.load(std::memory_order_relaxed)); }
 
 CpuPath best_cpu_path() { return kBest; }
+
+bool cpu_path_has_bf16_dot() { return kBf16Dot && cpu_path() == CpuPath::kAvx512; }
 
 const char* cpu_path_name(CpuPath path) {
   switch (path) {

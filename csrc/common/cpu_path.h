@@ -17,6 +17,10 @@ CpuPath cpu_path();
 // The best path this CPU supports.
 CpuPath best_cpu_path();
 
+// Whether the path may use the CPU's bfloat16 dot-product instructions (AVX512-BF16): the AVX-512 path
+// on a CPU that has them. There a bfloat16 GEMM (oneDNN) runs ~2-3x faster than a float32 one.
+bool cpu_path_has_bf16_dot();
+
 // "avx512", "avx2" or "scalar".
 const char* cpu_path_name(CpuPath path);
 
