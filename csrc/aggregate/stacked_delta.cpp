@@ -63,9 +63,11 @@ float* cpu_workspace(int64_t floats) {
   return workspace.mutable_data_ptr<float>();
 }
 
-// B_s [m, R] into `out`, row by row, each client's columns scaled by scale * w_k.
+// B_s [m, R] into `out` (float32, or bfloat16 for a bfloat16 GEMM: the float32 value rounded once), row by
+// row, each client's columns scaled by scale * w_k.
+template <typename out_t>
 void stack_scaled_columns_cpu(at::TensorList Bs,  // each [m, r_k]
-                              const at::Tensor& weights, double scale, int64_t total_rank, float* out) {
+                              const at::Tensor& weights, double scale, int64_t total_rank, out_t* out) {
   const int64_t m = Bs[0].size(0);
   std::vector<at::Tensor> blocks;
   std::vector<float> block_scale;
@@ -77,12 +79,12 @@ void stack_scaled_columns_cpu(at::TensorList Bs,  // each [m, r_k]
   FEDLORA_DISPATCH_FLOATING(Bs[0].scalar_type(), "fedlora_stack_scaled_columns", [&] {
     at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        float* dst = out + row * total_rank;
+        out_t* dst = out + row * total_rank;
         for (size_t k = 0; k < blocks.size(); ++k) {
           const int64_t r = blocks[k].size(1);
           const scalar_t* src = blocks[k].const_data_ptr<scalar_t>() + row * r;
           const float s = block_scale[k];
-          for (int64_t c = 0; c < r; ++c) dst[c] = s * static_cast<float>(src[c]);
+          for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<out_t>(s * static_cast<float>(src[c]));
           dst += r;
         }
       }
@@ -90,10 +92,11 @@ void stack_scaled_columns_cpu(at::TensorList Bs,  // each [m, r_k]
   });
 }
 
-// A_s [R, n] into `out`: the rows of every A_k in order, in float32, one parallel pass (a copy_ per
-// client would pay TensorIterator's set-up K times).
+// A_s [R, n] into `out`: the rows of every A_k in order, in out_t (float32, or the factors' own
+// bfloat16), one parallel pass (a copy_ per client would pay TensorIterator's set-up K times).
+template <typename out_t>
 void stack_rows_cpu(at::TensorList As,  // each [r_k, n]
-                    int64_t n, float* out) {
+                    int64_t n, out_t* out) {
   std::vector<at::Tensor> blocks;
   std::vector<int64_t> first_row;
   int64_t rows = 0;
@@ -106,29 +109,36 @@ void stack_rows_cpu(at::TensorList As,  // each [r_k, n]
     at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const scalar_t* src = blocks[k].const_data_ptr<scalar_t>();
-        float* dst = out + first_row[k] * n;
+        out_t* dst = out + first_row[k] * n;
         const int64_t count = blocks[k].numel();
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          std::memcpy(dst, src, sizeof(float) * count);
+        if constexpr (std::is_same_v<scalar_t, out_t>) {
+          std::memcpy(dst, src, sizeof(out_t) * count);
         } else {
-          for (int64_t e = 0; e < count; ++e) dst[e] = static_cast<float>(src[e]);
+          for (int64_t e = 0; e < count; ++e) dst[e] = static_cast<out_t>(static_cast<float>(src[e]));
         }
       }
     });
   });
 }
 
-// float32 B_s [m, R] with column block k scaled by scale * w_k, and float32 A_s [R, n].
+// B_s [m, R] with column block k scaled by scale * w_k, and A_s [R, n], both float32, or both bfloat16 for
+// a bfloat16 GEMM on the CPU (`dtype`; CUDA stacks in float32 and its caller rounds).
 std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList Bs, at::TensorList As,
                                                 const at::Tensor& weights,  // [K] float32
-                                                double scale, int64_t total_rank) {
+                                                double scale, int64_t total_rank,
+                                                at::ScalarType dtype = at::kFloat) {
   if (weights.is_cpu()) {
     const int64_t m = Bs[0].size(0), n = As[0].size(1);
-    float* buffer = cpu_workspace(total_rank * (m + n));
-    stack_scaled_columns_cpu(Bs, weights.contiguous(), scale, total_rank, buffer);
-    stack_rows_cpu(As, n, buffer + m * total_rank);
-    const auto options = at::TensorOptions().dtype(at::kFloat);
-    return {at::from_blob(buffer, {m, total_rank}, options), at::from_blob(buffer + m * total_rank, {total_rank, n}, options)};
+    const auto options = at::TensorOptions().dtype(dtype);
+    auto stack = [&](auto* buffer) -> std::pair<at::Tensor, at::Tensor> {
+      stack_scaled_columns_cpu(Bs, weights.contiguous(), scale, total_rank, buffer);
+      stack_rows_cpu(As, n, buffer + m * total_rank);
+      return {at::from_blob(buffer, {m, total_rank}, options),
+              at::from_blob(buffer + m * total_rank, {total_rank, n}, options)};
+    };
+    float* buffer = cpu_workspace(total_rank * (m + n));  // bfloat16 uses half of it
+    if (dtype == at::kBFloat16) return stack(reinterpret_cast<at::BFloat16*>(buffer));
+    return stack(buffer);
   }
   const at::Tensor clients = column_clients(Bs, total_rank, weights.device());
   const at::Tensor column_scale = weights.index_select(0, clients).mul_(scale);  // [R]
@@ -154,17 +164,19 @@ void stacked_delta_inplace_impl(const at::Tensor& W, at::TensorList Bs, at::Tens
   check_stacked_target(W, Bs, As, layout, transpose);
   if (Bs.empty() || layout.total_rank == 0 || W.numel() == 0) return;
   const at::OptionalDeviceGuard guard(at::device_of(W));
-  auto [B_s, A_s] = stack_factors(Bs, As, weights, scale, layout.total_rank);
+  // cuBLAS, and oneDNN on a CPU with bfloat16 dot products: float32 accumulation inside the
+  // low-precision GEMM, W rounded once (see the top).
+  const bool cpu_bf16_gemm = W.is_cpu() && W.scalar_type() == at::kBFloat16 && cpu_path_has_bf16_dot();
+  auto [B_s, A_s] = stack_factors(Bs, As, weights, scale, layout.total_rank,
+                                  cpu_bf16_gemm ? at::kBFloat16 : at::kFloat);
   // W [rows, cols] += left [rows, R] @ right [R, cols]
   const at::Tensor left = transpose ? A_s.t() : B_s;
   const at::Tensor right = transpose ? B_s.t() : A_s;
-  if (W.scalar_type() == at::kFloat) {
+  if (W.scalar_type() == at::kFloat || cpu_bf16_gemm) {
     W.addmm_(left, right);
     return;
   }
-  // cuBLAS, and oneDNN on a CPU with bfloat16 dot products: float32 accumulation inside the
-  // low-precision GEMM, W rounded once (see the top).
-  if (W.is_cuda() || (W.scalar_type() == at::kBFloat16 && cpu_path_has_bf16_dot())) {
+  if (W.is_cuda()) {
     W.addmm_(left.to(W.scalar_type()), right.to(W.scalar_type()));
     return;
   }
