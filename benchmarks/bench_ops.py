@@ -334,7 +334,9 @@ def run_gaussian_noise(case: Case, st: dict, threads: int, ctx: Context) -> Benc
     twin_ms = time_ms(
         lambda: reference.gaussian_noise_([x], 1.0, SEED, OFFSET), repeats=ctx.slow_repeats, warmup=1, cache=ctx.cache
     )
-    fns = {"fused": lambda: ops.gaussian_noise_([x], 1.0, SEED, OFFSET), "Tensor.normal_": lambda: x.normal_()}
+    y = torch.empty_like(x)  # what a user writes without the op: draw the noise, then add it
+    fns = {"fused": lambda: ops.gaussian_noise_([x], 1.0, SEED, OFFSET), "Tensor.normal_": lambda: x.normal_(),
+           "normal_+add_": lambda: x.add_(y.normal_())}
     return _time_case(ctx, cfg, fns, twin_ms=twin_ms, extra={"max_abs_err_vs_twin": err, "twin_repeats": ctx.slow_repeats})
 
 
