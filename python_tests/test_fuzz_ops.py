@@ -50,6 +50,7 @@ from strategies import (
     weighted_sum_inputs,
 )
 from test_dp_clip_noise import _check as check_dp_clip_noise
+from test_dp_clip_noise_with_sum import _check as check_dp_clip_noise_with_sum
 from test_gaussian_noise import _check as check_gaussian_noise
 from test_noise import STREAM_ATOL
 from test_per_sample_norms import _check as check_per_sample_norms
@@ -144,6 +145,16 @@ def test_dp_clip_noise_valid(data):
 
 @FUZZ
 @given(data=st.data())
+def test_dp_clip_noise_with_sum_valid(data):
+    """dp_clip_noise's outputs bitwise, and the clipped sums within the twin's budget; B = 0 included."""
+    dtype, device = data.draw(dtypes), data.draw(devices)
+    grads, *scalars = data.draw(dp_clip_noise_inputs(dtype, device, min_batch=0))
+    check_dp_clip_noise_with_sum(_restride_all(data, grads), *scalars)
+    count_valid("dp_clip_noise_with_sum", dtype)
+
+
+@FUZZ
+@given(data=st.data())
 def test_gaussian_noise_valid(data):
     """The empty list included; targets are written in place, so no zero-stride layout."""
     dtype, device = data.draw(dtypes), data.draw(devices)
@@ -202,6 +213,7 @@ class Case:
 LISTS = {  # op -> (name, position) of its tensor-list arguments
     "per_sample_norms": [("per_sample_grads", 0)],
     "dp_clip_noise": [("per_sample_grads", 0)],
+    "dp_clip_noise_with_sum": [("per_sample_grads", 0)],
     "gaussian_noise_": [("tensors", 0)],
     "weighted_sum": [("xs", 0)],
     "stacked_delta": [("Bs", 0), ("As", 1)],
@@ -215,6 +227,7 @@ SINGLES = {  # op -> (name, position) of its single tensor arguments
 ARG_NAMES = {
     "per_sample_norms": r"per_sample_grads",
     "dp_clip_noise": r"per_sample_grads",
+    "dp_clip_noise_with_sum": r"per_sample_grads",
     "gaussian_noise_": r"tensors",
     "weighted_sum": r"\bxs\b|weights",
     "stacked_delta": r"\bBs\b|\bAs\b|weights",
@@ -325,8 +338,9 @@ DP_SCALARS = {
 
 @st.composite
 def grads_case(draw, op: str) -> Case:
-    """A malformed per_sample_norms or dp_clip_noise call."""
-    kind = draw(st.sampled_from(GRAD_KINDS + MORE_VALUES + (("scalar",) if op == "dp_clip_noise" else ())))
+    """A malformed per_sample_norms, dp_clip_noise or dp_clip_noise_with_sum call."""
+    clips = op.startswith("dp_clip_noise")
+    kind = draw(st.sampled_from(GRAD_KINDS + MORE_VALUES + (("scalar",) if clips else ())))
     dtype, device = draw(dtypes), draw(devices)
     if op == "per_sample_norms":
         args = list(draw(per_sample_norms_inputs(dtype, device, min_batch=0)))
@@ -339,7 +353,7 @@ def grads_case(draw, op: str) -> Case:
     if kind in ("dtype", "mixed_dtype", "meta", "values"):
         names = [f"per_sample_grads[{j}]" for j in range(len(grads))]
         values = None  # NaN, Inf and huge values everywhere (a NaN sample must give NaN, as in the twin)
-        if kind == "values" and op == "dp_clip_noise" and draw(st.booleans()):
+        if kind == "values" and clips and draw(st.booleans()):
             name = draw(st.sampled_from(("max_norm", "noise_multiplier", "denominator")))
             position = {"max_norm": 1, "noise_multiplier": 2, "denominator": 3}[name]
             args[position] = 1e-30 if name == "denominator" else 1e30  # finite, but huge results
@@ -622,6 +636,8 @@ def results(op: str, args: list, returned) -> list[Tensor]:
         return [args[0]]
     if op == "dp_clip_noise":
         return [*returned[0], returned[1]]
+    if op == "dp_clip_noise_with_sum":
+        return [*returned[0], *returned[1], returned[2]]
     return [returned]
 
 
@@ -631,12 +647,15 @@ def bounds(op: str, args: list) -> list[tuple[Tensor, int, float]]:
         (grads,) = args
         width = sum(g.shape[1:].numel() for g in grads)
         return [(reference.per_sample_norms([g.float() for g in grads]), width + 1, 0.0)]
-    if op == "dp_clip_noise":
+    if op.startswith("dp_clip_noise"):
         grads, max_norm, noise_multiplier, denominator = args[:4]
         abs_outs, norms = reference.dp_clip_noise([g.float().abs() for g in grads], max_norm, 0.0, denominator, 0, 0)
         width = sum(g.shape[1:].numel() for g in grads)
         noise = noise_multiplier * max_norm * MAX_ABS_NORMAL / denominator
-        return [(o.double() + noise, grads[0].shape[0] + width + 1, 0.0) for o in abs_outs] + [(norms, width + 1, 0.0)]
+        terms = grads[0].shape[0] + width + 1
+        outs = [(o.double() + noise, terms, 0.0) for o in abs_outs]
+        sums = [(o.double() * denominator, terms, 0.0) for o in abs_outs] if op == "dp_clip_noise_with_sum" else []
+        return outs + sums + [(norms, width + 1, 0.0)]
     if op == "gaussian_noise_":
         targets, std = args[0], args[1]
         return [(t.float().abs() + std * MAX_ABS_NORMAL, 2, std * STREAM_ATOL) for t in targets]
@@ -739,6 +758,12 @@ def test_per_sample_norms_malformed(case, via):
 @given(case=grads_case("dp_clip_noise"), via=ENTRY)
 def test_dp_clip_noise_malformed(case, via):
     check_malformed("dp_clip_noise", case, via)
+
+
+@FUZZ
+@given(case=grads_case("dp_clip_noise_with_sum"), via=ENTRY)
+def test_dp_clip_noise_with_sum_malformed(case, via):
+    check_malformed("dp_clip_noise_with_sum", case, via)
 
 
 @FUZZ
