@@ -106,19 +106,21 @@ def test_an_unknown_path_is_refused_with_the_choices():
     assert fedlora_ext.build_info()["cpu_path"] == PATHS[0]
 
 
-def _import_with(value: str) -> subprocess.CompletedProcess:
+def _import_with(value: str, cwd) -> subprocess.CompletedProcess:
+    """A fresh import with FEDLORA_CPU_PATH=value, from ``cwd`` outside the checkout (there the source
+    tree's fedlora_ext/, which has no _C, would shadow the installed package)."""
     code = "import warnings, fedlora_ext; print(fedlora_ext.build_info()['cpu_path'])"
     env = {**os.environ, "FEDLORA_CPU_PATH": value}
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
-                          check=True)
+                          check=True, cwd=cwd)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_environment_variable_picks_the_path_at_import(path):
-    assert _import_with(path).stdout.strip() == path
+def test_environment_variable_picks_the_path_at_import(path, tmp_path):
+    assert _import_with(path, tmp_path).stdout.strip() == path
 
 
-def test_environment_variable_with_a_bad_value_warns_and_keeps_the_best():
-    done = _import_with("avx9000")
+def test_environment_variable_with_a_bad_value_warns_and_keeps_the_best(tmp_path):
+    done = _import_with("avx9000", tmp_path)
     assert done.stdout.strip() == PATHS[0]
     assert "FEDLORA_CPU_PATH ignored" in done.stderr and "avx9000" in done.stderr
