@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python benchmarks/bench_secagg.py                       # FFA-LoRA on MiniLM, 5 and 10 SuperNodes
     python benchmarks/bench_secagg.py --nodes 5 --rounds 2  # one deployment size
     python benchmarks/bench_secagg.py --quick               # tiny-bert on synthetic data, 3 nodes: a smoke run
+    python benchmarks/bench_secagg.py --masking-only        # only a node's masking work per share count
 
 Each case starts its own SuperLink and ``--nodes`` SuperNodes on 127.0.0.1 (python_tests/deploytools.py,
 the deployment tests' machinery), runs ``flwr run apps/fedlora`` with the main job's preset (FFA-LoRA
@@ -19,6 +20,7 @@ the update), and the server's unmasking with the shares of the nodes that droppe
 Flower starts a fresh ClientApp process for every message, so a SecAgg+ round (four messages per
 node) also pays three more process starts per node than a plain one (one message): the table shows
 both, and ``train_s`` (the node-side seconds the server saw for the training stage) separately.
+First it prints a node's masking work alone (:func:`masking_costs`), per update size and share count.
 """
 
 from __future__ import annotations
@@ -90,6 +92,39 @@ def summarise(case: dict) -> dict:
             "down_kb": (median("bytes_down") or 0) / 1024}
 
 
+def masking_costs(sizes: list[int], share_counts: list[int], repeats: int = 5) -> list[dict]:
+    """A node's masking work per round, measured in process with Flower's own primitives: one key
+    agreement and one pairwise mask per neighbour (shares - 1) plus its private mask, each mask a
+    pseudo-random vector as long as the update (median of ``repeats``). The server's unmasking does the
+    same per node that delivered (its private mask) and, per node that dropped, one key agreement and
+    mask per neighbour of it."""
+    import os
+
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs
+
+    rows = []
+    for size in sizes:
+        for shares in share_counts:
+            keys = [generate_key_pairs() for _ in range(shares)]
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                pseudo_rand_gen(os.urandom(32), 2**32, [(size,)])  # the private mask
+                for _, public in keys[1:]:
+                    pseudo_rand_gen(generate_shared_key(keys[0][0], public), 2**32, [(size,)])
+                times.append(time.perf_counter() - started)
+            rows.append({"values": size, "shares": shares, "node_masking_ms": statistics.median(times) * 1e3})
+    return rows
+
+
+def print_masking(rows: list[dict]) -> None:
+    print(f"\n{'values':>10} {'shares':>6} {'node masking ms':>16}")
+    for r in rows:
+        print(f"{r['values']:>10} {r['shares']:>6} {r['node_masking_ms']:>16.1f}")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'nodes':>5}  {'mode':<22} {'s/round':>8} {'x plain':>8} {'train s':>8} {'up KB/node':>11} {'x plain':>8}")
     plain = {r["nodes"]: r for r in rows if r["mode"] == "plain"}
@@ -113,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny-bert on synthetic data, 3 nodes, 1 round")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
+    parser.add_argument("--masking-only", action="store_true",
+                        help="only the in-process masking costs (no deployment)")
     args = parser.parse_args(argv)
     fedlora_ext = import_installed_fedlora()
+    # the main job's FFA-LoRA update (11,136 values), and larger adapters
+    masking = masking_costs([11_136, 1_000_000, 10_000_000], [3, 5, 9, 17, 33] if not args.quick else [3, 5])
+    print_masking(masking)
+    if args.masking_only:
+        return 0
     sizes, rounds = ([3], 1) if args.quick else (args.nodes, args.rounds)
     cases = []
     for nodes in sizes:
@@ -130,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine_info(fedlora_ext, [1]), "quick": args.quick, "rounds": rounds,
-                                "table": rows, "cases": cases}, indent=2) + "\n")
+                                "table": rows, "cases": cases,
+                                "masking": masking}, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
