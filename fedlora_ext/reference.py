@@ -102,6 +102,27 @@ def per_sample_norms(per_sample_grads: Sequence[Tensor]) -> Tensor:
     return torch.stack(squares).sum(dim=0).sqrt()
 
 
+def _clipped_sums(per_sample_grads: Sequence[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
+    """float32 ``sum_i c_i g_j[i]`` per tensor, ``c_i = min(1, C / (n_i + 1e-6))``, and the norms ``n``."""
+    norms = per_sample_norms(per_sample_grads)
+    clip = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...->...", clip, g.float()) for g in per_sample_grads], norms
+
+
+def _noised(sums: list[Tensor], per_sample_grads: Sequence[Tensor], max_norm: float, noise_multiplier: float,
+            denominator: float, seed: int, offset: int) -> list[Tensor]:
+    """``(sums_j + sigma C z_j) / denominator`` in each ``g_j``'s dtype, z the stream over the flattened list."""
+    z = stream_normals(seed, offset, sum(s.numel() for s in sums), per_sample_grads[0].device)
+    outs, start = [], 0
+    for summed, g in zip(sums, per_sample_grads):
+        size = summed.numel()
+        if noise_multiplier > 0:
+            summed = summed + noise_multiplier * max_norm * z[start : start + size].view(summed.shape)
+        outs.append((summed / denominator).to(g.dtype))
+        start += size
+    return outs
+
+
 def dp_clip_noise(
     per_sample_grads: Sequence[Tensor],
     max_norm: float,
@@ -111,19 +132,8 @@ def dp_clip_noise(
     offset: int,
 ) -> tuple[list[Tensor], Tensor]:
     """Twin of :func:`fedlora_ext.ops.dp_clip_noise`: clip, sum over the batch, add noise, divide."""
-    norms = per_sample_norms(per_sample_grads)
-    clip = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    total = sum(g.shape[1:].numel() for g in per_sample_grads)
-    z = stream_normals(seed, offset, total, per_sample_grads[0].device)
-    outs, start = [], 0
-    for g in per_sample_grads:
-        summed = torch.einsum("i,i...->...", clip, g.float())
-        size = summed.numel()
-        if noise_multiplier > 0:
-            summed = summed + noise_multiplier * max_norm * z[start : start + size].view(summed.shape)
-        outs.append((summed / denominator).to(g.dtype))
-        start += size
-    return outs, norms
+    sums, norms = _clipped_sums(per_sample_grads, max_norm)
+    return _noised(sums, per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset), norms
 
 
 def dp_clip_noise_with_sum(
@@ -135,10 +145,9 @@ def dp_clip_noise_with_sum(
     offset: int,
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Twin of :func:`fedlora_ext.ops.dp_clip_noise_with_sum`: :func:`dp_clip_noise` plus the clipped sums."""
-    outs, norms = dp_clip_noise(per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset)
-    clip = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    sums = [torch.einsum("i,i...->...", clip, g.float()).to(g.dtype) for g in per_sample_grads]
-    return outs, sums, norms
+    sums, norms = _clipped_sums(per_sample_grads, max_norm)
+    outs = _noised(sums, per_sample_grads, max_norm, noise_multiplier, denominator, seed, offset)
+    return outs, [s.to(g.dtype) for s, g in zip(sums, per_sample_grads)], norms
 
 
 def gaussian_noise_(tensors: Sequence[Tensor], std: float, seed: int, offset: int) -> None:
