@@ -131,7 +131,7 @@ __attribute__((target("avx2"))) void normals_batch_avx2(uint64_t seed, uint64_t 
     counters(group + 8 * static_cast<uint64_t>(v), a0, a1);
     counters(group + 8 * static_cast<uint64_t>(v + 1), b0, b1);
     __m256i a2 = off_lo, a3 = off_hi, b2 = off_lo, b3 = off_hi;
-    for (int r = 0; r < philox::kRounds; ++r) {
+    _Pragma("GCC unroll 10") for (int r = 0; r < philox::kRounds; ++r) {
       __m256i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
       mulhilo(a0, mul_a, ahi0, alo0);
       mulhilo(b0, mul_a, bhi0, blo0);

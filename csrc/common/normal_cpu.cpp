@@ -133,46 +133,57 @@ void normals_batch_portable(uint64_t seed, uint64_t offset, uint64_t group, floa
 }
 
 #if FEDLORA_X86_DISPATCH
-// Compilers turn the portable 32x32->64 multiply into slow 64-bit lane multiplies; vpmuludq on the
-// even and odd 32-bit lanes gives both halves of every product directly.
-#define FEDLORA_PHILOX_SIMD(TARGET, VEC, WIDTH, LOAD, STORE, SET1, MUL, SRL, SLL, XOR, BLEND_ODD)     \
-  __attribute__((target(TARGET))) void normals_batch_##WIDTH(uint64_t seed, uint64_t offset,        \
-                                                             uint64_t group, float* out) {          \
-    alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];                            \
-    group_counters(group, c0, c1);                                                                 \
-    constexpr int kVecLanes = WIDTH / 32;                                                          \
-    const VEC mul_a = SET1(static_cast<int>(philox::kMulA));                                        \
-    const VEC mul_b = SET1(static_cast<int>(philox::kMulB));                                        \
-    for (int v = 0; v < kLanes; v += kVecLanes) {                                                  \
-      VEC x0 = LOAD(reinterpret_cast<const VEC*>(c0 + v));                                         \
-      VEC x1 = LOAD(reinterpret_cast<const VEC*>(c1 + v));                                         \
-      VEC x2 = SET1(static_cast<int>(static_cast<uint32_t>(offset)));                              \
-      VEC x3 = SET1(static_cast<int>(static_cast<uint32_t>(offset >> 32)));                        \
-      uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);            \
-      for (int r = 0; r < philox::kRounds; ++r) {                                                  \
-        const VEC even0 = MUL(x0, mul_a), odd0 = MUL(SRL(x0, 32), mul_a);                          \
-        const VEC even1 = MUL(x2, mul_b), odd1 = MUL(SRL(x2, 32), mul_b);                          \
-        const VEC lo0 = BLEND_ODD(even0, SLL(odd0, 32)), hi0 = BLEND_ODD(SRL(even0, 32), odd0);    \
-        const VEC lo1 = BLEND_ODD(even1, SLL(odd1, 32)), hi1 = BLEND_ODD(SRL(even1, 32), odd1);    \
-        x0 = XOR(XOR(hi1, x1), SET1(static_cast<int>(k0)));                                        \
-        x2 = XOR(XOR(hi0, x3), SET1(static_cast<int>(k1)));                                        \
-        x1 = lo1;                                                                                  \
-        x3 = lo0;                                                                                  \
-        k0 += philox::kRoundA;                                                                     \
-        k1 += philox::kRoundB;                                                                     \
-      }                                                                                            \
-      STORE(reinterpret_cast<VEC*>(c0 + v), x0);                                                   \
-      STORE(reinterpret_cast<VEC*>(c1 + v), x1);                                                   \
-      STORE(reinterpret_cast<VEC*>(c2 + v), x2);                                                   \
-      STORE(reinterpret_cast<VEC*>(c3 + v), x3);                                                   \
-    }                                                                                              \
-    box_muller_lanes(c0, c1, c2, c3, out);                                                         \
-  }
+#define FEDLORA_AVX512 __attribute__((target("avx512f"), always_inline)) inline
 
-#define FEDLORA_BLEND_ODD_512(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
-FEDLORA_PHILOX_SIMD("avx512f", __m512i, 512, _mm512_load_si512, _mm512_store_si512, _mm512_set1_epi32,
-                    _mm512_mul_epu32, _mm512_srli_epi64, _mm512_slli_epi64, _mm512_xor_si512,
-                    FEDLORA_BLEND_ODD_512)
+// hi and lo 32-bit halves of a * x for every lane: vpmuludq on the even and the odd lanes, then one
+// masked pair swap each (lanes 2k + 1 of lo come from the odd products, lanes 2k of hi from the even).
+FEDLORA_AVX512 void mulhilo_512(__m512i x, __m512i a, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, a);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), a);
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+  hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
+}
+
+FEDLORA_AVX512 __m512i xor3(__m512i a, __m512i b, __m512i c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+
+// Philox words of kLanes groups, 16 per vector, both vectors' rounds interleaved (two independent
+// multiply chains), then the compiler-vectorised Box-Muller.
+__attribute__((target("avx512f"))) void normals_batch_512(uint64_t seed, uint64_t offset, uint64_t group,
+                                                         float* out) {
+  static_assert(kLanes == 32, "two vectors of 16 groups");
+  alignas(64) uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  group_counters(group, c0, c1);
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(philox::kMulA));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(philox::kMulB));
+  __m512i a0 = _mm512_load_si512(c0), a1 = _mm512_load_si512(c1);
+  __m512i b0 = _mm512_load_si512(c0 + 16), b1 = _mm512_load_si512(c1 + 16);
+  __m512i a2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m512i a3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  __m512i b2 = a2, b3 = a3;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  _Pragma("GCC unroll 10") for (int r = 0; r < philox::kRounds; ++r) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    __m512i ahi0, alo0, ahi1, alo1, bhi0, blo0, bhi1, blo1;
+    mulhilo_512(a0, mul_a, ahi0, alo0);
+    mulhilo_512(b0, mul_a, bhi0, blo0);
+    mulhilo_512(a2, mul_b, ahi1, alo1);
+    mulhilo_512(b2, mul_b, bhi1, blo1);
+    a0 = xor3(ahi1, a1, key0);
+    b0 = xor3(bhi1, b1, key0);
+    a2 = xor3(ahi0, a3, key1);
+    b2 = xor3(bhi0, b3, key1);
+    a1 = alo1;
+    b1 = blo1;
+    a3 = alo0;
+    b3 = blo0;
+    k0 += philox::kRoundA;
+    k1 += philox::kRoundB;
+  }
+  _mm512_store_si512(c0, a0), _mm512_store_si512(c1, a1), _mm512_store_si512(c2, a2), _mm512_store_si512(c3, a3);
+  _mm512_store_si512(c0 + 16, b0), _mm512_store_si512(c1 + 16, b1);
+  _mm512_store_si512(c2 + 16, b2), _mm512_store_si512(c3 + 16, b3);
+  box_muller_lanes(c0, c1, c2, c3, out);
+}
 #endif
 
 using BatchFn = void (*)(uint64_t, uint64_t, uint64_t, float*);
