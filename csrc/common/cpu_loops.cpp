@@ -66,6 +66,22 @@ FEDLORA_INLINE void add_scaled_impl(T* __restrict x, const float* __restrict z, 
   for (int64_t c = 0; c < n; ++c) x[c] = static_cast<T>(static_cast<float>(x[c]) + s * z[c]);
 }
 
+template <typename T>
+FEDLORA_INLINE void store_impl(T* __restrict out, const float* __restrict a, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(a[c]);
+}
+
+template <typename T>
+FEDLORA_INLINE void store_scaled_impl(T* __restrict out, const float* __restrict a, float s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(a[c] * s);
+}
+
+template <typename T>
+FEDLORA_INLINE void store_noised_scaled_impl(T* __restrict out, const float* __restrict a, const float* __restrict z,
+                                             float t, float s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>((a[c] + t * z[c]) * s);
+}
+
 }  // namespace
 
 // Each loop three times, compiled for the baseline ISA, AVX2+FMA and AVX-512 (this file is built with
@@ -98,7 +114,11 @@ FEDLORA_INLINE void add_scaled_impl(T* __restrict x, const float* __restrict z, 
   FEDLORA_VERSIONS(void, axpy4, (float* acc, const T* const x[4], const float w[4], int64_t n), (acc, x, w, n)) \
   FEDLORA_VERSIONS(void, axpy, (float* acc, const T* x, float w, int64_t n), (acc, x, w, n))                  \
   FEDLORA_VERSIONS(void, axpy_columns, (float* acc, const T* x, const float* w, int64_t n), (acc, x, w, n))   \
-  FEDLORA_VERSIONS(void, add_scaled, (T* x, const float* z, float s, int64_t n), (x, z, s, n))
+  FEDLORA_VERSIONS(void, add_scaled, (T* x, const float* z, float s, int64_t n), (x, z, s, n))              \
+  FEDLORA_VERSIONS(void, store, (T* out, const float* a, int64_t n), (out, a, n))                              \
+  FEDLORA_VERSIONS(void, store_scaled, (T* out, const float* a, float s, int64_t n), (out, a, s, n))           \
+  FEDLORA_VERSIONS(void, store_noised_scaled, (T* out, const float* a, const float* z, float t, float s, int64_t n), \
+                   (out, a, z, t, s, n))
 
 FEDLORA_LOOPS_FOR(float)
 FEDLORA_LOOPS_FOR(c10::Half)

@@ -35,4 +35,19 @@ void add_scaled(float* x, const float* z, float s, int64_t n);
 void add_scaled(c10::Half* x, const float* z, float s, int64_t n);
 void add_scaled(c10::BFloat16* x, const float* z, float s, int64_t n);
 
+// out[c] = a[c], rounded to out's dtype.
+void store(float* out, const float* a, int64_t n);
+void store(c10::Half* out, const float* a, int64_t n);
+void store(c10::BFloat16* out, const float* a, int64_t n);
+
+// out[c] = a[c] s, rounded to out's dtype.
+void store_scaled(float* out, const float* a, float s, int64_t n);
+void store_scaled(c10::Half* out, const float* a, float s, int64_t n);
+void store_scaled(c10::BFloat16* out, const float* a, float s, int64_t n);
+
+// out[c] = (a[c] + t z[c]) s, rounded to out's dtype (each operation rounded in float32).
+void store_noised_scaled(float* out, const float* a, const float* z, float t, float s, int64_t n);
+void store_noised_scaled(c10::Half* out, const float* a, const float* z, float t, float s, int64_t n);
+void store_noised_scaled(c10::BFloat16* out, const float* a, const float* z, float t, float s, int64_t n);
+
 }  // namespace fedlora::loops

@@ -131,18 +131,16 @@ ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads, doub
           loops::axpy4(a, rows, &clip[i], len);
         }
         for (; i < B; ++i) loops::axpy(a, g + i * width, clip[i], len);
-        if (keep_sums) {
-          scalar_t* sum = result.sums[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
-          for (int64_t k = 0; k < len; ++k) sum[k] = static_cast<scalar_t>(a[k]);
-        }
+        if (keep_sums) loops::store(result.sums[chunk.tensor].data_ptr<scalar_t>() + chunk.begin, a, len);
+        scalar_t* out = result.outs[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
         if (add_noise) {
           float* z = noise.data();
           fill_normals(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                        starts[chunk.tensor] + chunk.begin, len, z);
-          loops::axpy(a, z, noise_std, len);
+          loops::store_noised_scaled(out, a, z, noise_std, inv_denominator, len);
+        } else {
+          loops::store_scaled(out, a, inv_denominator, len);
         }
-        scalar_t* out = result.outs[chunk.tensor].data_ptr<scalar_t>() + chunk.begin;
-        for (int64_t k = 0; k < len; ++k) out[k] = static_cast<scalar_t>(a[k] * inv_denominator);
       }
     });
   });
