@@ -132,3 +132,22 @@ def test_low_precision_row_blocks(device, transpose):
     As = [make_tensor([4, n], torch.bfloat16, device, seed=2)]
     W = make_tensor([n, m] if transpose else [m, n], torch.bfloat16, device, layout="transposed", seed=3)
     _check_inplace(W, Bs, As, torch.tensor([0.8], device=device), 0.25, transpose)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stacking_split_across_threads(device, dtype, threads):
+    """Factors big enough that the CPU kernel stacks them in several tasks (each a share of B_s's and of
+    A_s's rows), with the ranks that take the fixed-width copies (8, 16, 32) and one that does not (5)."""
+    m, n, ranks = 300, 260, [8, 16, 5, 32, 8]
+    Bs = [make_tensor([m, r], dtype, device, seed=10 + k) for k, r in enumerate(ranks)]
+    As = [make_tensor([r, n], dtype, device, layout="transposed" if k == 1 else "contiguous", seed=20 + k)
+          for k, r in enumerate(ranks)]
+    weights = torch.tensor([0.4, -0.2, 0.15, 0.25, 0.4], device=device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(Bs, As, weights, 1.5)
+        _check_inplace(make_tensor([m, n], dtype, device, seed=3), Bs, As, weights, 1.5, transpose=False)
+        _check_inplace(make_tensor([n, m], dtype, device, seed=4), Bs, As, weights, 1.5, transpose=True)
+    finally:
+        torch.set_num_threads(previous)

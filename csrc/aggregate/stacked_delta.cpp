@@ -14,6 +14,7 @@
 // Nothing here synchronises with a GPU: the column-to-client map reaches the device by a non_blocking
 // copy from pinned memory.
 #include "common/checks.h"
+#include "common/cpu_loops.h"
 #include "common/cpu_path.h"
 #include "common/dispatch.h"
 
@@ -30,7 +31,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -39,6 +39,8 @@ namespace fedlora {
 namespace {
 
 constexpr int64_t kLowPrecisionRowBlock = 256;
+constexpr int64_t kRowTile = 32;           // rows of B_s stacked together
+constexpr int64_t kMinTaskValues = 16384;  // values a stacking task copies at least: a thread wakes for no less
 
 // [R] int64 on `device`: the client k of every stacked column. Built in pinned memory when `device` is
 // a GPU, so the copy is asynchronous (the pinned block is held until the copy ran).
@@ -51,10 +53,7 @@ at::Tensor column_clients(at::TensorList Bs, int64_t total_rank, const at::Devic
   return ids.to(device, at::kLong, /*non_blocking=*/true);  // the same tensor on the CPU
 }
 
-// CPU: B_s [m, R] float32 in one parallel pass over the rows, scaling while copying (at::cat followed
-// by a scaling multiply would stream B_s twice, which costs a visible share of the GEMM at m = 1024).
-//
-// The stacked factors live in a per-thread workspace that grows to the largest call and is reused: a
+// CPU: the stacked factors live in a per-thread workspace that grows to the largest call and is reused: a
 // fresh multi-megabyte buffer per call is a fresh mmap, whose page faults cost ~15% of a GEMM at m = 1024.
 float* cpu_workspace(int64_t floats) {
   thread_local at::Tensor workspace;
@@ -64,77 +63,54 @@ float* cpu_workspace(int64_t floats) {
   return workspace.mutable_data_ptr<float>();
 }
 
-// float -> out_t as c10 rounds it (round to nearest even, NaN to the quiet NaN), written branch-free so
-// the stacking loops vectorise (c10's bfloat16 constructor branches per element).
+// B_s [m, R] into `b_out` (each client's columns scaled by scale * w_k) and A_s [R, n] into `a_out` (the
+// rows of every A_k in order), in out_t: float32, or bfloat16 for a bfloat16 GEMM (the float32 value rounded
+// once). B_s is scaled while copied (at::cat and then a multiply would stream it twice). One parallel
+// region, each task a share of B_s's rows and of A_s's rows: a region per factor paid a second fork and
+// join, a visible share of the GEMM at m = 1024 on two threads.
 template <typename out_t>
-inline out_t round_to(float v) {
-  if constexpr (std::is_same_v<out_t, at::BFloat16>) {
-    const uint32_t bits = std::bit_cast<uint32_t>(v);
-    const uint16_t rounded = static_cast<uint16_t>((bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16);
-    return at::BFloat16(v != v ? uint16_t{0x7FC0} : rounded, at::BFloat16::from_bits());
-  } else {
-    return static_cast<out_t>(v);
-  }
-}
-
-// B_s [m, R] into `out` (float32, or bfloat16 for a bfloat16 GEMM: the float32 value rounded once), row by
-// row, each client's columns scaled by scale * w_k.
-template <typename out_t>
-void stack_scaled_columns_cpu(at::TensorList Bs,  // each [m, r_k]
-                              const at::Tensor& weights, double scale, int64_t total_rank, out_t* out) {
-  const int64_t m = Bs[0].size(0);
+void stack_cpu(at::TensorList Bs, at::TensorList As,  // each [m, r_k] and [r_k, n]
+               const at::Tensor& weights, double scale, int64_t total_rank, out_t* b_out, out_t* a_out) {
+  const int64_t m = Bs[0].size(0), n = As[0].size(1);
   const size_t K = Bs.size();
-  std::vector<at::Tensor> blocks;
-  std::vector<const void*> sources;  // raw pointers and widths, read once: a data-pointer call per row
-  std::vector<int64_t> ranks;        // and block costs more than copying a rank-8 row
+  std::vector<at::Tensor> blocks;   // contiguous factors, kept alive while their pointers are in use
+  std::vector<const void*> b_data;  // raw pointers and widths, read once: a data-pointer call per row
+  std::vector<int64_t> ranks;       // and block costs more than copying a rank-8 row
   std::vector<float> block_scale;
+  std::vector<const void*> a_rows;  // A_s row j's source row
   const float* w = weights.const_data_ptr<float>();
+  const int64_t a_row_bytes = n * As[0].element_size();
   for (size_t k = 0; k < K; ++k) {
     blocks.push_back(Bs[k].contiguous());
-    sources.push_back(blocks.back().const_data_ptr());
+    b_data.push_back(blocks.back().const_data_ptr());
     ranks.push_back(blocks.back().size(1));
     block_scale.push_back(static_cast<float>(scale * w[k]));
+    blocks.push_back(As[k].contiguous());
+    const char* a = static_cast<const char*>(blocks.back().const_data_ptr());
+    for (int64_t j = 0; j < As[k].size(0); ++j) a_rows.push_back(a + j * a_row_bytes);
   }
-  FEDLORA_DISPATCH_FLOATING(Bs[0].scalar_type(), "fedlora_stack_scaled_columns", [&] {
-    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-      int64_t column = 0;
-      for (size_t k = 0; k < K; ++k) {  // block by block: each inner loop is a fixed-width strided copy
-        const int64_t r = ranks[k];
-        const scalar_t* src = static_cast<const scalar_t*>(sources[k]) + begin * r;
-        out_t* dst = out + begin * total_rank + column;
-        const float s = block_scale[k];
-        for (int64_t row = begin; row < end; ++row, src += r, dst += total_rank) {
-          for (int64_t c = 0; c < r; ++c) dst[c] = round_to<out_t>(s * static_cast<float>(src[c]));
+  const int64_t values = (m + n) * total_rank;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), values / kMinTaskValues));
+  FEDLORA_DISPATCH_FLOATING(Bs[0].scalar_type(), "fedlora_stack_factors", [&] {
+    at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
+      for (int64_t t = first_task; t < end_task; ++t) {
+        for (int64_t row = m * t / tasks, end = m * (t + 1) / tasks; row < end; row += kRowTile) {
+          const int64_t rows = std::min(kRowTile, end - row);  // a tile of rows stays in L1 meanwhile
+          int64_t column = 0;
+          for (size_t k = 0; k < K; ++k) {  // block by block: a strided copy of r_k-wide rows
+            const int64_t r = ranks[k];
+            loops::scale_rows(b_out + row * total_rank + column, total_rank,
+                              static_cast<const scalar_t*>(b_data[k]) + row * r, r, block_scale[k], rows, r);
+            column += r;
+          }
         }
-        column += r;
-      }
-    });
-  });
-}
-
-// A_s [R, n] into `out`: the rows of every A_k in order, in out_t (float32, or the factors' own
-// bfloat16), one parallel pass (a copy_ per client would pay TensorIterator's set-up K times).
-template <typename out_t>
-void stack_rows_cpu(at::TensorList As,  // each [r_k, n]
-                    int64_t n, out_t* out) {
-  std::vector<at::Tensor> blocks;
-  std::vector<int64_t> first_row;
-  int64_t rows = 0;
-  for (const at::Tensor& A : As) {
-    blocks.push_back(A.contiguous());
-    first_row.push_back(rows);
-    rows += A.size(0);
-  }
-  FEDLORA_DISPATCH_FLOATING(As[0].scalar_type(), "fedlora_stack_rows", [&] {
-    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const scalar_t* src = blocks[k].const_data_ptr<scalar_t>();
-        out_t* dst = out + first_row[k] * n;
-        const int64_t count = blocks[k].numel();
-        if constexpr (std::is_same_v<scalar_t, out_t>) {
-          std::memcpy(dst, src, sizeof(out_t) * count);
-        } else {
-          for (int64_t e = 0; e < count; ++e) dst[e] = round_to<out_t>(static_cast<float>(src[e]));
+        for (int64_t j = total_rank * t / tasks, end = total_rank * (t + 1) / tasks; j < end; ++j) {
+          const auto* src = static_cast<const scalar_t*>(a_rows[j]);
+          if constexpr (std::is_same_v<scalar_t, out_t>) {
+            std::memcpy(a_out + j * n, src, sizeof(out_t) * n);
+          } else {
+            loops::scale_rows(a_out + j * n, n, src, n, 1.0f, 1, n);  // x 1 is exact: a conversion
+          }
         }
       }
     });
@@ -151,8 +127,7 @@ std::pair<at::Tensor, at::Tensor> stack_factors(at::TensorList Bs, at::TensorLis
     const int64_t m = Bs[0].size(0), n = As[0].size(1);
     const auto options = at::TensorOptions().dtype(dtype);
     auto stack = [&](auto* buffer) -> std::pair<at::Tensor, at::Tensor> {
-      stack_scaled_columns_cpu(Bs, weights.contiguous(), scale, total_rank, buffer);
-      stack_rows_cpu(As, n, buffer + m * total_rank);
+      stack_cpu(Bs, As, weights.contiguous(), scale, total_rank, buffer, buffer + m * total_rank);
       return {at::from_blob(buffer, {m, total_rank}, options),
               at::from_blob(buffer + m * total_rank, {total_rank, n}, options)};
     };

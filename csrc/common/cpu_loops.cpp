@@ -2,6 +2,9 @@
 
 #include "common/cpu_path.h"
 
+#include <bit>
+#include <type_traits>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FEDLORA_X86_PATHS 1
 #define FEDLORA_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -82,6 +85,44 @@ FEDLORA_INLINE void store_noised_scaled_impl(T* __restrict out, const float* __r
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>((a[c] + t * z[c]) * s);
 }
 
+// float -> O as c10 rounds it (bfloat16: to nearest even, NaN to the quiet NaN), written branch-free so
+// the loops over it vectorise (c10's bfloat16 constructor branches per element).
+template <typename O>
+FEDLORA_INLINE O round_to(float v) {
+  if constexpr (std::is_same_v<O, c10::BFloat16>) {
+    const uint32_t bits = std::bit_cast<uint32_t>(v);
+    const uint16_t rounded = static_cast<uint16_t>((bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16);
+    return c10::BFloat16(v != v ? uint16_t{0x7FC0} : rounded, c10::BFloat16::from_bits());
+  } else {
+    return static_cast<O>(v);
+  }
+}
+
+template <typename O, typename T, int kCols>  // kCols > 0: a width known here, so a row is a few vector ops
+FEDLORA_INLINE void scale_rows_of(O* __restrict out, int64_t out_stride, const T* __restrict x, int64_t x_stride,
+                                  float s, int64_t rows, int64_t cols) {
+  const int64_t width = kCols > 0 ? kCols : cols;
+  for (int64_t i = 0; i < rows; ++i, out += out_stride, x += x_stride) {
+    for (int64_t c = 0; c < width; ++c) out[c] = round_to<O>(s * static_cast<float>(x[c]));
+  }
+}
+
+// LoRA ranks are mostly 4 to 32: rows that narrow are too short for a vectorised loop of unknown length.
+template <typename O, typename T>
+FEDLORA_INLINE void scale_rows_impl(O* out, int64_t out_stride, const T* x, int64_t x_stride, float s, int64_t rows,
+                                    int64_t cols) {
+  switch (cols) {
+    case 8:
+      return scale_rows_of<O, T, 8>(out, out_stride, x, x_stride, s, rows, cols);
+    case 16:
+      return scale_rows_of<O, T, 16>(out, out_stride, x, x_stride, s, rows, cols);
+    case 32:
+      return scale_rows_of<O, T, 32>(out, out_stride, x, x_stride, s, rows, cols);
+    default:
+      return scale_rows_of<O, T, 0>(out, out_stride, x, x_stride, s, rows, cols);
+  }
+}
+
 }  // namespace
 
 // Each loop three times, compiled for the baseline ISA, AVX2+FMA and AVX-512 (this file is built with
@@ -118,7 +159,13 @@ FEDLORA_INLINE void store_noised_scaled_impl(T* __restrict out, const float* __r
   FEDLORA_VERSIONS(void, store, (T* out, const float* a, int64_t n), (out, a, n))                              \
   FEDLORA_VERSIONS(void, store_scaled, (T* out, const float* a, float s, int64_t n), (out, a, s, n))           \
   FEDLORA_VERSIONS(void, store_noised_scaled, (T* out, const float* a, const float* z, float t, float s, int64_t n), \
-                   (out, a, z, t, s, n))
+                   (out, a, z, t, s, n))                                                                       \
+  FEDLORA_VERSIONS(void, scale_rows,                                                                          \
+                   (float* out, int64_t os, const T* x, int64_t xs, float s, int64_t rows, int64_t cols),   \
+                   (out, os, x, xs, s, rows, cols))                                                           \
+  FEDLORA_VERSIONS(void, scale_rows,                                                                          \
+                   (c10::BFloat16* out, int64_t os, const T* x, int64_t xs, float s, int64_t rows, int64_t cols), \
+                   (out, os, x, xs, s, rows, cols))
 
 FEDLORA_LOOPS_FOR(float)
 FEDLORA_LOOPS_FOR(c10::Half)

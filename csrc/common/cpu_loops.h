@@ -50,4 +50,18 @@ void store_noised_scaled(float* out, const float* a, const float* z, float t, fl
 void store_noised_scaled(c10::Half* out, const float* a, const float* z, float t, float s, int64_t n);
 void store_noised_scaled(c10::BFloat16* out, const float* a, const float* z, float t, float s, int64_t n);
 
+// out[i * out_stride + c] = s x[i * x_stride + c] for i < rows, c < cols, rounded to out's dtype: a
+// scaled block copy (stacking LoRA factors), float32 or bfloat16 out.
+void scale_rows(float* out, int64_t out_stride, const float* x, int64_t x_stride, float s, int64_t rows, int64_t cols);
+void scale_rows(float* out, int64_t out_stride, const c10::Half* x, int64_t x_stride, float s, int64_t rows,
+                int64_t cols);
+void scale_rows(float* out, int64_t out_stride, const c10::BFloat16* x, int64_t x_stride, float s, int64_t rows,
+                int64_t cols);
+void scale_rows(c10::BFloat16* out, int64_t out_stride, const float* x, int64_t x_stride, float s, int64_t rows,
+                int64_t cols);
+void scale_rows(c10::BFloat16* out, int64_t out_stride, const c10::Half* x, int64_t x_stride, float s, int64_t rows,
+                int64_t cols);
+void scale_rows(c10::BFloat16* out, int64_t out_stride, const c10::BFloat16* x, int64_t x_stride, float s,
+                int64_t rows, int64_t cols);
+
 }  // namespace fedlora::loops
