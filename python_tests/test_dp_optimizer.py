@@ -162,7 +162,7 @@ def test_secure_mode_keeps_opacus_noise():
     opt = FusedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
                            expected_batch_size=2, secure_mode=True)
     model(torch.randn(2, 5)).sum().backward()
-    assert not opt._fusable()
+    assert not opt._fusable(opt.params)
     opt.step()
     assert torch.isfinite(model._module.weight).all()
 
@@ -248,7 +248,7 @@ def test_summed_grad_and_flags_match_opacus():
         opt.zero_grad()
         _backward(model, x[:4], y[:4])
         opt.step()
-    assert o2._fusable()
+    assert o2._fusable(o2.params)
     for (s1, g1, k1), (s2, g2, k2) in [(_attrs(m1, o1), _attrs(m2, o2))]:
         for a, b in zip(s1 + g1, s2 + g2):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -350,7 +350,7 @@ def test_default_noise_never_touches_the_global_rng():
     model = GradSampleModule(nn.Linear(6, 4))
     model._module.bias.data = model._module.bias.data.double()  # mixed dtypes: opacus's clip, our noise
     opt = fuse(_dp(model))
-    assert not opt._fusable()
+    assert not opt._fusable(opt.params)
     model._module.weight.grad_sample = torch.zeros(3, 4, 6)
     model._module.bias.grad_sample = torch.zeros(3, 4, dtype=torch.float64)
     state = torch.get_rng_state()
