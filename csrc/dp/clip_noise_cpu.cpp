@@ -10,6 +10,7 @@
 #include "common/cpu_loops.h"
 #include "common/chunks.h"
 #include "common/normal_cpu.h"
+#include "dp/clip_noise_ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -73,13 +74,6 @@ at::Tensor per_sample_norms_cpu(at::TensorList per_sample_grads) {
   const Flattened f = flatten_per_sample(per_sample_grads);
   return norms_of(f, B, per_sample_grads[0].scalar_type());
 }
-
-// The tensors of one dp_clip_noise call: outs_j and, when kept, the clipped sums_j (both g_j.shape[1:]).
-struct ClipNoiseResult {
-  std::vector<at::Tensor> outs;
-  std::vector<at::Tensor> sums;
-  at::Tensor norms;
-};
 
 // One read of the per-sample gradients gives the clipped sum a_j = sum_i c_i g_j[i] in float32; outs_j =
 // (a_j + noise_std z_j) / denominator and, with keep_sums, sums_j = a_j, both rounded once from a_j.
@@ -147,31 +141,12 @@ ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads, doub
   return result;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cpu(at::TensorList per_sample_grads,
-                                                                  double max_norm,
-                                                                  double noise_multiplier,
-                                                                  double denominator, int64_t seed,
-                                                                  int64_t offset) {
-  ClipNoiseResult r = clip_noise("dp_clip_noise", per_sample_grads, max_norm, noise_multiplier,
-                                 denominator, seed, offset, /*keep_sums=*/false);
-  return {std::move(r.outs), std::move(r.norms)};
-}
-
-// Returns (outs_j, sums_j, norms): dp_clip_noise's outputs plus the clipped sums, from the same pass.
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dp_clip_noise_with_sum_cpu(
-    at::TensorList per_sample_grads, double max_norm, double noise_multiplier, double denominator,
-    int64_t seed, int64_t offset) {
-  ClipNoiseResult r = clip_noise("dp_clip_noise_with_sum", per_sample_grads, max_norm, noise_multiplier,
-                                 denominator, seed, offset, /*keep_sums=*/true);
-  return {std::move(r.outs), std::move(r.sums), std::move(r.norms)};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedlora, CPU, m) {
   m.impl("per_sample_norms", &per_sample_norms_cpu);
-  m.impl("dp_clip_noise", &dp_clip_noise_cpu);
-  m.impl("dp_clip_noise_with_sum", &dp_clip_noise_with_sum_cpu);
+  m.impl("dp_clip_noise", &ClipNoiseOps<&clip_noise>::dp_clip_noise);
+  m.impl("dp_clip_noise_with_sum", &ClipNoiseOps<&clip_noise>::dp_clip_noise_with_sum);
 }
 
 }  // namespace fedlora

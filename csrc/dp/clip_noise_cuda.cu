@@ -13,6 +13,7 @@
 #include "common/chunks.h"
 #include "common/cuda_utils.cuh"
 #include "common/normal_cuda.cuh"
+#include "dp/clip_noise_ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -254,13 +255,6 @@ at::Tensor per_sample_norms_cuda(at::TensorList per_sample_grads) {  // each [B,
   return norms;
 }
 
-// The tensors of one dp_clip_noise call: outs_j and, when kept, the clipped sums_j (both g_j.shape[1:]).
-struct ClipNoiseResult {
-  std::vector<at::Tensor> outs;
-  std::vector<at::Tensor> sums;
-  at::Tensor norms;  // [B] float32
-};
-
 ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads,  // each [B, ...]
                            double max_norm, double noise_multiplier, double denominator, int64_t seed,
                            int64_t offset, bool keep_sums) {
@@ -295,32 +289,12 @@ ClipNoiseResult clip_noise(const char* op, at::TensorList per_sample_grads,  // 
   return result;
 }
 
-// Returns (out_j [...] = g_j.shape[1:], norms [B] float32).
-std::tuple<std::vector<at::Tensor>, at::Tensor> dp_clip_noise_cuda(at::TensorList per_sample_grads,  // each [B, ...]
-                                                                   double max_norm,
-                                                                   double noise_multiplier,
-                                                                   double denominator, int64_t seed,
-                                                                   int64_t offset) {
-  ClipNoiseResult r = clip_noise("dp_clip_noise", per_sample_grads, max_norm, noise_multiplier,
-                                 denominator, seed, offset, /*keep_sums=*/false);
-  return {std::move(r.outs), std::move(r.norms)};
-}
-
-// Returns (out_j, sum_j [...] = g_j.shape[1:], norms [B] float32): the clipped sums from the same pass.
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> dp_clip_noise_with_sum_cuda(
-    at::TensorList per_sample_grads, double max_norm, double noise_multiplier, double denominator,
-    int64_t seed, int64_t offset) {
-  ClipNoiseResult r = clip_noise("dp_clip_noise_with_sum", per_sample_grads, max_norm, noise_multiplier,
-                                 denominator, seed, offset, /*keep_sums=*/true);
-  return {std::move(r.outs), std::move(r.sums), std::move(r.norms)};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fedlora, CUDA, m) {
   m.impl("per_sample_norms", &per_sample_norms_cuda);
-  m.impl("dp_clip_noise", &dp_clip_noise_cuda);
-  m.impl("dp_clip_noise_with_sum", &dp_clip_noise_with_sum_cuda);
+  m.impl("dp_clip_noise", &ClipNoiseOps<&clip_noise>::dp_clip_noise);
+  m.impl("dp_clip_noise_with_sum", &ClipNoiseOps<&clip_noise>::dp_clip_noise_with_sum);
 }
 
 }  // namespace fedlora
