@@ -340,14 +340,18 @@ class FedLoRAStrategy(FlowerStrategy):
         budget = message.content.config_records["budget"]
         refused = str(budget.get("refused", "") or "")
         if refused:
-            if "privacy" in message.content.config_records:
-                self.client_reports[str(client.cid)] = dict(message.content.config_records["privacy"])
+            self._keep_privacy_report(message, client)
             client.info["budget_exhausted"] = refused
             log.warning("round %d: %s; the node did not train (privacy budget exhausted)", round_index + 1, refused)
             return refused
         if budget.get("exhausted"):
             client.info["budget_exhausted"] = str(budget["exhausted"])
         return None
+
+    def _keep_privacy_report(self, message: Message, client: ClientState) -> None:
+        """The node's account report (its privacy record), when the reply carries one."""
+        if "privacy" in message.content.config_records:
+            self.client_reports[str(client.cid)] = dict(message.content.config_records["privacy"])
 
     def _accept(self, message: Message, client: ClientState, round_index: int) -> tuple[Reply | None, str | None]:
         """Decodes and checks one reply: (the reply, None), or (None, why it is refused)."""
@@ -376,8 +380,7 @@ class FedLoRAStrategy(FlowerStrategy):
         new_rank = int(metrics.get("rank", client.rank))
         if 1 <= new_rank <= client.rank:  # HetLoRA prunes a client's rank; it never grows
             client.rank = new_rank
-        if "privacy" in content.config_records:
-            self.client_reports[str(client.cid)] = dict(content.config_records["privacy"])
+        self._keep_privacy_report(message, client)
         return reply, None
 
     def _accept_secure(self, message: Message, client: ClientState, round_index: int) -> tuple[Reply | None, str | None]:
@@ -392,8 +395,7 @@ class FedLoRAStrategy(FlowerStrategy):
         stats = message.content.metric_records.get("metrics") or {}
         metrics = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
         client.info["last_round"] = round_index
-        if "privacy" in message.content.config_records:
-            self.client_reports[str(client.cid)] = dict(message.content.config_records["privacy"])
+        self._keep_privacy_report(message, client)
         return Reply(cid=client.cid, num_examples=client.num_examples, tensors={}, metrics=metrics), None
 
     def _secure_mean_reply(self, accepted: list[Reply]) -> list[Reply]:
